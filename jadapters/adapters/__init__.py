@@ -1,0 +1,1 @@
+"""Adapter functional forms: Flax modules and their configs."""

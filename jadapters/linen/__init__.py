@@ -1,0 +1,1 @@
+"""The Linen front-end: adapters on unmodified Linen models through method interception."""

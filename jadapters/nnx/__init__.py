@@ -1,0 +1,1 @@
+"""The NNX front-end: adapter weights as their own variable type, NeMo's mixins."""

@@ -1,0 +1,337 @@
+"""NeMo's adapter mixins for NNX modules: named adapters, enable/disable, a trainable filter.
+
+:class:`AdapterModuleMixin` gives one module NeMo's adapter methods; :class:`AdapterModelMixin`
+routes ``"module:name"`` to groups of such modules. Both mutate the module in place, as NNX
+modules do. Enabled state and configs are static structure (part of the NNX graph
+definition), so ``nnx.jit`` retraces when they change and a disabled adapter leaves no trace
+in the compiled computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jadapters._adapter_set import (
+    AdapterSet,
+    AdapterSpec,
+    check_accepted,
+    check_insertion,
+    split_qualified_name,
+)
+from jadapters.config import build_adapter, config_of
+from jadapters.nnx.shell import AdapterParam, NNXAdapter
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFilter:
+    """NNX filter selecting the :class:`AdapterParam` variables under given path prefixes.
+
+    Returned by ``unfreeze_enabled_adapters``; use it wherever NNX takes a filter
+    (``nnx.state``, ``nnx.split``, ``nnx.DiffState``, ``nnx.Optimizer(wrt=...)``).
+    """
+
+    prefixes: tuple[tuple[Any, ...], ...]
+
+    def __call__(self, path: tuple[Any, ...], value: Any) -> bool:
+        if not isinstance(value, AdapterParam):
+            return False
+        return any(tuple(path[: len(p)]) == p for p in self.prefixes)
+
+
+def _enabled_filter(root: nnx.Module) -> AdapterFilter:
+    prefixes = []
+    for path, node in nnx.iter_graph(root):
+        if isinstance(node, AdapterModuleMixin):
+            for name in node.get_enabled_adapters():
+                prefixes.append(tuple(path) + ("adapter_layer", name))
+    return AdapterFilter(tuple(prefixes))
+
+
+def freeze_batchnorm(root: nnx.Module) -> int:
+    """Puts every ``nnx.BatchNorm`` in ``root`` on its running statistics (NeMo's
+    ``freeze_batchnorm``): they normalize with, and no longer update, the base's statistics.
+
+    Call it after ``model.train()``, which turns batch statistics back on. Returns how many
+    BatchNorm modules were frozen.
+    """
+    count = 0
+    for _, node in nnx.iter_graph(root):
+        if isinstance(node, nnx.BatchNorm):
+            node.use_running_average = True
+            count += 1
+    return count
+
+
+_freeze_batchnorm = freeze_batchnorm
+
+
+def _infer_in_features(module: Any, insertion: str) -> int | None:
+    if insertion in ("output",):
+        names = ("out_features", "features", "num_features", "adapter_features")
+    else:
+        names = ("in_features", "num_features", "adapter_features")
+    for attr in names:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+class AdapterModuleMixin:
+    """NeMo's ``AdapterModuleMixin`` for ``flax.nnx`` modules.
+
+    Mix it into an NNX module and call :meth:`forward_enabled_adapters` on the module's output:
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jadapters
+    >>> class Block(nnx.Module, jadapters.AdapterModuleMixin):
+    ...     def __init__(self, dim, *, rngs):
+    ...         self.linear = nnx.Linear(dim, dim, rngs=rngs)
+    ...         self.adapter_features = dim
+    ...     def __call__(self, x):
+    ...         y = self.linear(x)
+    ...         if self.is_adapter_available():
+    ...             y = self.forward_enabled_adapters(y)
+    ...         return y
+    >>> block = Block(4, rngs=nnx.Rngs(0))
+    >>> block.add_adapter("first", jadapters.LinearAdapterConfig(dim=2), rngs=nnx.Rngs(1))
+    >>> block.get_enabled_adapters()
+    ['first']
+    >>> x = jnp.ones((2, 4))
+    >>> bool((block(x) == block.linear(x)).all())  # identity at init
+    True
+
+    The adapter's input width comes from ``cfg.in_features``, the ``in_features`` argument of
+    :meth:`add_adapter`, or the module's ``out_features``/``features``/``adapter_features``
+    attribute (``in_features`` for input and parallel insertion), in that order.
+    """
+
+    def _adapter_set(self) -> AdapterSet:
+        return getattr(self, "_adapters_spec", AdapterSet())
+
+    def _set_adapter_set(self, value: AdapterSet) -> None:
+        self._adapters_spec = value
+
+    def add_adapter(
+        self,
+        name: str,
+        cfg: Any,
+        *,
+        rngs: nnx.Rngs,
+        insertion: str | None = None,
+        in_features: int | None = None,
+        dtype: Any = jnp.float32,
+    ) -> None:
+        """Adds an adapter called ``name`` built from ``cfg`` (a config or an adapter module).
+
+        Args:
+          name: unique name; ``"module:name"`` is accepted and the module part dropped.
+          cfg: an adapter config (e.g. ``LinearAdapterConfig(dim=8)``) or adapter module.
+          rngs: PRNG streams: ``params`` to initialize, ``dropout`` for training noise.
+          insertion: ``"output"`` (default for most adapters), ``"parallel"`` or ``"input"``.
+          in_features: the adapter's input width when it cannot be inferred.
+          dtype: dtype of the example input used to initialize.
+
+        Raises:
+          ValueError: for a duplicate, reserved or malformed name, an adapter type not
+            accepted, an unknown insertion, or an input width that cannot be inferred.
+        """
+        bare = name.rpartition(":")[2] if isinstance(name, str) else name
+        cfg = config_of(cfg)
+        module_cls = type(build_adapter(cfg))
+        check_accepted(cfg, module_cls, self.get_accepted_adapter_types())
+        insertion = insertion or module_cls.default_insertion
+        check_insertion(insertion)
+        spec = AdapterSpec(name=bare, group="", cfg=cfg, insertion=insertion)
+        new_set = self._adapter_set().add(spec)
+        features = getattr(cfg, "in_features", None) or in_features
+        features = features or _infer_in_features(self, insertion)
+        if features is None:
+            raise ValueError(
+                f"cannot infer the input width of adapter {bare!r} on {type(self).__name__}: "
+                "pass in_features=... to add_adapter or set it in the config."
+            )
+        shell = NNXAdapter(cfg, (1, features), rngs=rngs, dtype=dtype)
+        if getattr(self, "adapter_layer", None) is None:
+            self.adapter_layer = nnx.Dict()
+        self.adapter_layer[bare] = shell
+        self._set_adapter_set(new_set)
+
+    def is_adapter_available(self) -> bool:
+        """True when any adapter exists, enabled or not (NeMo's module semantics)."""
+        return len(self._adapter_set()) > 0
+
+    def set_enabled_adapters(self, name: str | None = None, enabled: bool = True) -> None:
+        """Enables or disables one adapter by name, or all of them for ``name=None``.
+
+        Raises:
+          ValueError: if no adapter exists or ``name`` is unknown.
+        """
+        self._set_adapter_set(self._adapter_set().set_enabled(name, enabled))
+
+    def get_enabled_adapters(self) -> list[str]:
+        """Names of the enabled adapters, in insertion (chain) order."""
+        return self._adapter_set().enabled_names()
+
+    def get_adapter_module(self, name: str) -> NNXAdapter | None:
+        """The adapter called ``name``, or ``None`` if there is none."""
+        spec = self._adapter_set().get(name)
+        return None if spec is None else self.adapter_layer[spec.name]
+
+    def get_adapter_cfg(self, name: str) -> Any:
+        """The config of the adapter called ``name``, or ``None`` if there is none."""
+        spec = self._adapter_set().get(name)
+        return None if spec is None else spec.cfg
+
+    def get_adapter_insertion(self, name: str) -> str | None:
+        spec = self._adapter_set().get(name)
+        return None if spec is None else spec.insertion
+
+    def set_accepted_adapter_types(self, types: Iterable[type]) -> None:
+        """Restricts which adapter types (config or module classes) :meth:`add_adapter` takes."""
+        types = tuple(types)
+        for t in types:
+            if not isinstance(t, type):
+                raise ValueError(f"types must contain classes, got {t!r}.")
+        self._accepted_adapter_types = types
+
+    def get_accepted_adapter_types(self) -> tuple[type, ...]:
+        """The accepted adapter types; empty means any registered type."""
+        return getattr(self, "_accepted_adapter_types", ())
+
+    def forward_input_adapters(self, x: jax.Array) -> jax.Array:
+        """Runs the enabled ``input`` adapters on the host's input, in order."""
+        for spec in self._adapter_set().enabled():
+            if spec.insertion == "input":
+                x = self.adapter_layer[spec.name](x).output
+        return x
+
+    def forward_enabled_adapters(self, x: jax.Array, *, host_input: jax.Array | None = None):
+        """Runs the enabled ``output`` and ``parallel`` adapters as a chain (NeMo's forward).
+
+        Each adapter's result, joined by its strategy, is the next one's input. A parallel
+        adapter is fed ``host_input`` and joins the stream.
+
+        Raises:
+          ValueError: if a parallel adapter is enabled and ``host_input`` is not given.
+        """
+        for spec in self._adapter_set().enabled():
+            if spec.insertion == "output":
+                x = self.adapter_layer[spec.name](x).output
+            elif spec.insertion == "parallel":
+                if host_input is None:
+                    raise ValueError(
+                        f"adapter {spec.name!r} is parallel and needs the host's input: call "
+                        "forward_enabled_adapters(output, host_input=input)."
+                    )
+                x = self.adapter_layer[spec.name](host_input, stream=x).output
+        return x
+
+    def unfreeze_enabled_adapters(self, freeze_batchnorm: bool = True) -> AdapterFilter:
+        """The trainable filter: exactly the enabled adapters' :class:`AdapterParam` variables.
+
+        JAX has no ``requires_grad``: what trains is what you differentiate. Pass the filter
+        to ``nnx.DiffState``/``nnx.Optimizer(wrt=...)``, or use :func:`jadapters.nnx_train_step`.
+        With ``freeze_batchnorm`` the base's BatchNorm layers are put on their running
+        statistics (see :func:`freeze_batchnorm`).
+        """
+        if freeze_batchnorm:
+            _freeze_batchnorm(self)
+        return _enabled_filter(self)
+
+
+class AdapterModelMixin:
+    """NeMo's ``AdapterModelPTMixin`` for NNX models: ``"module:name"`` routing.
+
+    A model names its adapter modules (groups) in ``adapter_module_names``, ``''`` being the
+    default, and maps each group to the :class:`AdapterModuleMixin` modules in it with
+    :meth:`adapter_group_modules`. :func:`jadapters.adapter_transform` sets both up from target
+    patterns; a hand-written model can override them.
+    """
+
+    @property
+    def adapter_module_names(self) -> list[str]:
+        """The adapter module (group) names, the default ``''`` first."""
+        return [group for group, _ in getattr(self, "_adapter_groups", ())]
+
+    def adapter_group_modules(self, group: str) -> list[AdapterModuleMixin]:
+        """The host modules of ``group``."""
+        paths = dict(getattr(self, "_adapter_groups", ())).get(group, ())
+        by_path = {tuple(p): n for p, n in nnx.iter_graph(self)}
+        return [by_path[tuple(p)] for p in paths]
+
+    def _model_adapter_set(self) -> AdapterSet:
+        return getattr(self, "_model_adapters_spec", AdapterSet())
+
+    def add_adapter(
+        self,
+        name: str,
+        cfg: Any,
+        *,
+        rngs: nnx.Rngs,
+        insertion: str | None = None,
+        in_features: int | None = None,
+        dtype: Any = jnp.float32,
+    ) -> None:
+        """Adds adapter ``"module:name"`` (or ``name`` for the default module) to every host
+        of that module; arguments as :meth:`AdapterModuleMixin.add_adapter`.
+
+        Raises:
+          ValueError: for an unknown module (listing the valid ones), a name already used in
+            any module, and every error of :meth:`AdapterModuleMixin.add_adapter`.
+        """
+        group, bare = split_qualified_name(name, self.adapter_module_names)
+        cfg = config_of(cfg)
+        module_cls = type(build_adapter(cfg))
+        insertion = insertion or module_cls.default_insertion
+        spec = AdapterSpec(name=bare, group=group, cfg=cfg, insertion=insertion)
+        new_set = self._model_adapter_set().add(spec)
+        for host in self.adapter_group_modules(group):
+            host.add_adapter(
+                bare, cfg, rngs=rngs, insertion=insertion, in_features=in_features, dtype=dtype
+            )
+        self._model_adapters_spec = new_set
+
+    def is_adapter_available(self) -> bool:
+        """True when any adapter exists in any module, enabled or not."""
+        return len(self._model_adapter_set()) > 0
+
+    def set_enabled_adapters(self, name: str | None = None, enabled: bool = True) -> None:
+        """Enables or disables one adapter (``name`` or ``"module:name"``) or all of them."""
+        new_set = self._model_adapter_set().set_enabled(name, enabled)
+        for spec in new_set:
+            for host in self.adapter_group_modules(spec.group):
+                host.set_enabled_adapters(spec.name, spec.enabled)
+        self._model_adapters_spec = new_set
+
+    def get_enabled_adapters(self) -> list[str]:
+        """Names of the enabled adapters across all modules, in the order they were added."""
+        return self._model_adapter_set().enabled_names()
+
+    def get_adapter_specs(self) -> AdapterSet:
+        """Every adapter's name, group, config, insertion and enabled state."""
+        return self._model_adapter_set()
+
+    def get_adapter_cfg(self, name: str) -> Any:
+        spec = self._model_adapter_set().get(name)
+        return None if spec is None else spec.cfg
+
+    def get_adapter_modules(self, name: str) -> dict[tuple[Any, ...], NNXAdapter]:
+        """``{host path: adapter}`` for every host that holds adapter ``name``."""
+        out = {}
+        for path, node in nnx.iter_graph(self):
+            if isinstance(node, AdapterModuleMixin) and node.get_adapter_module(name) is not None:
+                out[tuple(path)] = node.get_adapter_module(name)
+        return out
+
+    def unfreeze_enabled_adapters(self, freeze_batchnorm: bool = True) -> AdapterFilter:
+        """The trainable filter over every enabled adapter in the model; see
+        :meth:`AdapterModuleMixin.unfreeze_enabled_adapters`."""
+        return AdapterModuleMixin.unfreeze_enabled_adapters(self, freeze_batchnorm)

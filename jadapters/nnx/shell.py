@@ -1,0 +1,100 @@
+"""NNX shell: holds a Linen adapter's parameters as :class:`AdapterParam` variables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jadapters._chain import apply_adapter
+from jadapters.config import build_adapter, config_of
+from jadapters.losses import AdapterLoss
+from jadapters.strategies import StrategyOutput
+
+
+class AdapterParam(nnx.Variable):
+    """The NNX variable type of every adapter weight.
+
+    It deliberately does **not** subclass ``nnx.Param``: ``nnx.state(model, nnx.Param)`` is
+    exactly the base model's parameters and ``nnx.state(model, AdapterParam)`` exactly the
+    adapters'. (Flax's own ``nnx.LoRAParam`` subclasses ``nnx.Param``, so a ``nnx.Param``
+    filter also catches it; ours never mixes the two partitions.)
+    """
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+class NNXAdapter(nnx.Module):
+    """An adapter inside an NNX model: the config's Linen module plus its weights.
+
+    The math is the Linen module's (one definition serves both front-ends); this shell owns
+    the weights as :class:`AdapterParam` variables, follows ``model.train()`` /
+    ``model.eval()`` through its ``deterministic`` attribute, and draws dropout and
+    stochastic-depth keys from its own ``dropout`` PRNG stream.
+
+    Args:
+      cfg: an adapter config or Linen adapter module.
+      sample_shape: shape of an example input, e.g. ``(1, in_features)``.
+      rngs: ``nnx.Rngs`` with a ``params`` stream (initialization) and optionally a
+        ``dropout`` stream (needed for dropout or stochastic depth in training).
+      dtype: dtype of the example input used for initialization.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jadapters import LinearAdapterConfig
+    >>> adapter = NNXAdapter(LinearAdapterConfig(dim=2), (1, 4), rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((3, 4))
+    >>> bool((adapter(x).output == x).all())
+    True
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        sample_shape: Sequence[int],
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+    ):
+        self.cfg = config_of(cfg)
+        module = build_adapter(self.cfg)
+        variables = module.init(rngs.params(), jnp.zeros(tuple(sample_shape), dtype))
+        extra = sorted(set(variables) - {"params"})
+        if extra:
+            raise ValueError(
+                f"adapter {type(module).__name__} creates collections {extra}; only 'params' "
+                "are supported in adapters."
+            )
+        self.params = nnx.data(jax.tree.map(AdapterParam, dict(variables["params"])))
+        self.deterministic = False
+        self.rngs = nnx.data(rngs["dropout"].fork() if "dropout" in rngs else None)
+
+    @property
+    def module(self) -> Any:
+        """The Linen module that holds this adapter's math."""
+        return build_adapter(self.cfg)
+
+    def param_values(self) -> Any:
+        return jax.tree.map(lambda v: v[...], self.params, is_leaf=_is_variable)
+
+    def __call__(self, x: jax.Array, *, stream: jax.Array | None = None) -> StrategyOutput:
+        """Runs the adapter on ``x`` and joins it to ``stream`` (``x`` by default)."""
+        training = not self.deterministic
+        key = self.rngs() if training and self.rngs is not None else None
+        result = apply_adapter(
+            self.module,
+            {"params": self.param_values()},
+            x,
+            stream=stream,
+            training=training,
+            key=key,
+        )
+        if result.aux_loss is not None:
+            self.sow(AdapterLoss, "aux_loss", result.aux_loss, reduce_fn=lambda a, b: a + b,
+                     init_fn=lambda: jnp.zeros((), jnp.float32))
+        return result
