@@ -19,6 +19,8 @@ from jadapters.config import config_to_dict as config_to_dict
 from jadapters.config import config_to_json as config_to_json
 from jadapters.config import register_adapter as register_adapter
 from jadapters.config import register_strategy as register_strategy
+from jadapters.linen.transform import ADAPTER_COLLECTION as ADAPTER_COLLECTION
+from jadapters.linen.transform import AdaptedLinen as AdaptedLinen
 from jadapters.losses import AUX_LOSS_COLLECTION as AUX_LOSS_COLLECTION
 from jadapters.losses import AdapterLoss as AdapterLoss
 from jadapters.losses import total_auxiliary_loss as total_auxiliary_loss
@@ -28,6 +30,14 @@ from jadapters.nnx.mixins import AdapterModuleMixin as AdapterModuleMixin
 from jadapters.nnx.mixins import freeze_batchnorm as freeze_batchnorm
 from jadapters.nnx.shell import AdapterParam as AdapterParam
 from jadapters.nnx.shell import NNXAdapter as NNXAdapter
+from jadapters.optim import freeze_base as freeze_base
+from jadapters.optim import param_labels as param_labels
+from jadapters.optim import trainable_mask as trainable_mask
+from jadapters.partition import AdapterSummary as AdapterSummary
+from jadapters.partition import merge_variables as merge_variables
+from jadapters.partition import split_model as split_model
+from jadapters.partition import split_variables as split_variables
+from jadapters.partition import summarize as summarize
 from jadapters.strategies import AdapterStrategy as AdapterStrategy
 from jadapters.strategies import ResidualAddStrategy as ResidualAddStrategy
 from jadapters.strategies import ReturnResultStrategy as ReturnResultStrategy
@@ -35,10 +45,32 @@ from jadapters.strategies import ScaledAddStrategy as ScaledAddStrategy
 from jadapters.strategies import StrategyOutput as StrategyOutput
 from jadapters.strategies import residual_add as residual_add
 from jadapters.strategies import scaled_add as scaled_add
+from jadapters.targets import Target as Target
+from jadapters.training import LinenTrainStep as LinenTrainStep
+from jadapters.training import adapter_optimizer as adapter_optimizer
+from jadapters.training import linen_train_step as linen_train_step
+from jadapters.training import nnx_train_step as nnx_train_step
+from jadapters.transform import adapter_transform as adapter_transform
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADAPTER_COLLECTION",
+    "AdaptedLinen",
+    "AdapterSummary",
+    "LinenTrainStep",
+    "Target",
+    "adapter_optimizer",
+    "adapter_transform",
+    "freeze_base",
+    "linen_train_step",
+    "merge_variables",
+    "nnx_train_step",
+    "param_labels",
+    "split_model",
+    "split_variables",
+    "summarize",
+    "trainable_mask",
     "AUX_LOSS_COLLECTION",
     "AdapterConfig",
     "AdapterFilter",

@@ -27,6 +27,4 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def check_activation(name: str, *, argument: str = "activation") -> None:
     if name not in ACTIVATIONS:
-        raise ValueError(
-            f"{argument} must be one of {sorted(ACTIVATIONS)}, got {name!r}."
-        )
+        raise ValueError(f"{argument} must be one of {sorted(ACTIVATIONS)}, got {name!r}.")

@@ -105,7 +105,7 @@ def build_adapter(cfg: Any) -> Any:
     """
     _, module_cls = _adapter_entry_for_config(cfg)
     kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return module_cls(**kwargs)
+    return module_cls(**kwargs, parent=None)
 
 
 def config_of(adapter: Any) -> Any:

@@ -113,6 +113,8 @@ class AdapterModuleMixin:
     attribute (``in_features`` for input and parallel insertion), in that order.
     """
 
+    __slots__ = ()
+
     def _adapter_set(self) -> AdapterSet:
         return getattr(self, "_adapters_spec", AdapterSet())
 
@@ -255,6 +257,8 @@ class AdapterModelMixin:
     :meth:`adapter_group_modules`. :func:`jadapters.adapter_transform` sets both up from target
     patterns; a hand-written model can override them.
     """
+
+    __slots__ = ()
 
     @property
     def adapter_module_names(self) -> list[str]:

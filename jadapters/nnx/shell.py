@@ -95,6 +95,11 @@ class NNXAdapter(nnx.Module):
             key=key,
         )
         if result.aux_loss is not None:
-            self.sow(AdapterLoss, "aux_loss", result.aux_loss, reduce_fn=lambda a, b: a + b,
-                     init_fn=lambda: jnp.zeros((), jnp.float32))
+            self.sow(
+                AdapterLoss,
+                "aux_loss",
+                result.aux_loss,
+                reduce_fn=lambda a, b: a + b,
+                init_fn=lambda: jnp.zeros((), jnp.float32),
+            )
         return result

@@ -1,0 +1,257 @@
+"""Adapters on an unmodified Linen model, through ``flax.linen.intercept_methods``.
+
+:class:`AdaptedLinen` wraps the user's module and shares its scope, so the base parameters keep
+exactly the unwrapped structure and a base checkpoint loads as is. Adapter weights live in the
+``"adapters"`` collection under each host's path. The wrapper is a frozen Linen module:
+``add_adapter`` and ``set_enabled_adapters`` return a new one, as everything in Linen does, and
+a changed adapter set is a changed static structure, hence a new trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jadapters._adapter_set import (
+    AdapterSet,
+    AdapterSpec,
+    check_accepted,
+    check_insertion,
+    split_qualified_name,
+)
+from jadapters._chain import apply_adapter
+from jadapters.config import build_adapter, config_of
+from jadapters.losses import AUX_LOSS_COLLECTION
+from jadapters.targets import Target, path_str, unmatched_error
+
+ADAPTER_COLLECTION = "adapters"
+
+
+def _add(a, b):
+    return a + b
+
+
+def _zero():
+    return jnp.zeros((), jnp.float32)
+
+
+class AdaptedLinen(nn.Module):
+    """A Linen model with adapters at its target modules. Build it with
+    :func:`jadapters.adapter_transform`.
+
+    Call it like the wrapped model. Extra keyword ``adapter_train=True`` turns on the adapters'
+    dropout, stochastic depth and auxiliary losses (keys come from the ``"dropout"`` PRNG
+    stream) independently of the base model's own training flags, so a frozen base can run in
+    evaluation mode while its adapters train.
+
+    Attributes:
+      model: the wrapped, unmodified Linen module.
+      groups: ``((group, (Target, ...)), ...)``, the default group ``''`` first.
+      adapters: the adapters, in chain order.
+      accepted_types: adapter types allowed; empty means any registered type.
+    """
+
+    model: nn.Module
+    groups: tuple[tuple[str, tuple[Target, ...]], ...]
+    adapters: AdapterSet = AdapterSet()
+    accepted_types: tuple[type, ...] = ()
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    # ---- NeMo's adapter API (functional: each returns a new module) -------------------------
+
+    @property
+    def adapter_module_names(self) -> list[str]:
+        """The adapter module (group) names, the default ``''`` first."""
+        return [g for g, _ in self.groups]
+
+    def add_adapter(self, name: str, cfg: Any, *, insertion: str | None = None) -> AdaptedLinen:
+        """Returns a new model with adapter ``"group:name"`` (or ``name``) added.
+
+        Its weights are created by ``init`` or, for an already initialized model,
+        :meth:`init_adapters`.
+
+        Raises:
+          ValueError: for an unknown group (listing the valid ones), a duplicate, reserved or
+            malformed name, an unknown insertion, or an adapter type not accepted.
+        """
+        group, bare = split_qualified_name(name, self.adapter_module_names)
+        cfg = config_of(cfg)
+        module_cls = type(build_adapter(cfg))
+        check_accepted(cfg, module_cls, self.accepted_types)
+        insertion = insertion or module_cls.default_insertion
+        check_insertion(insertion)
+        spec = AdapterSpec(name=bare, group=group, cfg=cfg, insertion=insertion)
+        return self.clone(adapters=self.adapters.add(spec))
+
+    def set_enabled_adapters(self, name: str | None = None, enabled: bool = True) -> AdaptedLinen:
+        """Returns a new model with one adapter (or all, for ``name=None``) (dis)abled."""
+        return self.clone(adapters=self.adapters.set_enabled(name, enabled))
+
+    def remove_adapter(self, name: str) -> AdaptedLinen:
+        """Returns a new model without adapter ``name`` (drop its weights yourself)."""
+        return self.clone(adapters=self.adapters.remove(name))
+
+    def set_accepted_adapter_types(self, types) -> AdaptedLinen:
+        return self.clone(accepted_types=tuple(types))
+
+    def get_accepted_adapter_types(self) -> tuple[type, ...]:
+        return self.accepted_types
+
+    def is_adapter_available(self) -> bool:
+        """True when any adapter exists, enabled or not."""
+        return len(self.adapters) > 0
+
+    def get_enabled_adapters(self) -> list[str]:
+        """Names of the enabled adapters in chain order."""
+        return self.adapters.enabled_names()
+
+    def get_adapter_cfg(self, name: str) -> Any:
+        spec = self.adapters.get(name)
+        return None if spec is None else spec.cfg
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def __call__(self, *args, adapter_train: bool = False, **kwargs):
+        return self.call("__call__", *args, adapter_train=adapter_train, **kwargs)
+
+    def call(self, method: str, *args, adapter_train: bool = False, **kwargs):
+        """Runs the wrapped model's ``method`` with adapters, e.g.
+        ``adapted.apply(variables, "encode", x, method="call")``."""
+        seen: list[tuple[str, Any, str]] = []
+        with nn.intercept_methods(self._interceptor(adapter_train, seen)):
+            out = getattr(self.model, method)(*args, **kwargs)
+        if self.is_initializing():
+            self._check_all_matched(seen)
+        return out
+
+    def init_adapters(self, rng: jax.Array, variables: Any, *args, **kwargs) -> dict:
+        """Creates the weights of adapters that ``variables`` lacks; keeps all others.
+
+        Runs the model once on example ``args``/``kwargs`` (with the base's training flags
+        off) and returns ``variables`` with the new adapter weights added.
+        """
+        _, new = self.apply(
+            variables, *args, rngs={"params": rng}, mutable=[ADAPTER_COLLECTION], **kwargs
+        )
+        return {**variables, ADAPTER_COLLECTION: new[ADAPTER_COLLECTION]}
+
+    def host_paths(self, variables: Any, *args, **kwargs) -> dict[str, list[str]]:
+        """``{group: [host path, ...]}`` for one run of the model on example inputs."""
+        seen: list[tuple[str, Any]] = []
+        with nn.intercept_methods(_recorder(seen)):
+            jax.eval_shape(lambda v: self.model.apply(v, *args, **kwargs), variables)
+        return self._hosts_by_group(seen)
+
+    def _hosts_by_group(self, seen) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for group, rules in self.groups:
+            hosts = []
+            for path, module, method in seen:
+                if any(r.matches(path, module) and method in r.methods for r in rules):
+                    if path not in hosts:
+                        hosts.append(path)
+            out[group] = hosts
+        return out
+
+    def _host_specs(self, path: str, module: Any, method: str) -> list[AdapterSpec]:
+        groups = {
+            g
+            for g, rules in self.groups
+            if any(method in r.methods and r.matches(path, module) for r in rules)
+        }
+        return [s for s in self.adapters if s.group in groups]
+
+    def _interceptor(self, adapter_train: bool, seen: list):
+        wrapper = self
+
+        def intercept(next_fun, args, kwargs, context):
+            module = context.module
+            if module is wrapper or module.scope is None:
+                return next_fun(*args, **kwargs)
+            path = path_str(module.path)
+            seen.append((path, module, context.method_name))
+            specs = wrapper._host_specs(path, module, context.method_name)
+            if not specs:
+                return next_fun(*args, **kwargs)
+            return _run_host(module, path, specs, next_fun, args, kwargs, adapter_train)
+
+        return intercept
+
+    def _check_all_matched(self, seen) -> None:
+        paths = [p for p, _, _ in seen]
+        for group, rules in self.groups:
+            for rule in rules:
+                if not any(rule.matches(p, m) and meth in rule.methods for p, m, meth in seen):
+                    raise unmatched_error(rule, group, paths)
+
+
+def _recorder(seen):
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if module.scope is not None:
+            seen.append((path_str(module.path), module, context.method_name))
+        return next_fun(*args, **kwargs)
+
+    return record
+
+
+def _adapter_params(module: nn.Module, path: str, spec: AdapterSpec, adapter, sample):
+    scope = module.scope
+    if scope.has_variable(ADAPTER_COLLECTION, spec.name):
+        return scope.get_variable(ADAPTER_COLLECTION, spec.name)
+    if not scope.is_mutable_collection(ADAPTER_COLLECTION):
+        raise ValueError(
+            f"adapter {spec.name!r} has no weights at host {path!r}: it was added after the "
+            "variables were created. Call adapted.init_adapters(rng, variables, *inputs) first."
+        )
+    rng = module.make_rng("params")
+    params = adapter.init(rng, jnp.zeros_like(sample))["params"]
+    scope.put_variable(ADAPTER_COLLECTION, spec.name, params)
+    return params
+
+
+def _run_one(module, path, spec, x, stream, adapter_train):
+    adapter = build_adapter(spec.cfg)
+    params = _adapter_params(module, path, spec, adapter, x)
+    if not spec.enabled:
+        return stream
+    key = module.make_rng("dropout") if adapter_train and module.has_rng("dropout") else None
+    result = apply_adapter(
+        adapter, {"params": params}, x, stream=stream, training=adapter_train, key=key
+    )
+    if result.aux_loss is not None:
+        module.sow(AUX_LOSS_COLLECTION, spec.name, result.aux_loss, reduce_fn=_add, init_fn=_zero)
+    return result.output
+
+
+def _run_host(module, path, specs, next_fun, args, kwargs, adapter_train):
+    if not args:
+        raise ValueError(
+            f"adapters at host {path!r} need the host's input as its first positional argument."
+        )
+    x = args[0]
+    for spec in specs:
+        if spec.insertion == "input":
+            x = _run_one(module, path, spec, x, x, adapter_train)
+    y = next_fun(x, *args[1:], **kwargs)
+    if not isinstance(y, jax.Array):
+        raise ValueError(
+            f"host {path!r} returns {type(y).__name__}, not an array; target a submodule whose "
+            "output is a single array."
+        )
+    for spec in specs:
+        if spec.insertion == "output":
+            y = _run_one(module, path, spec, y, y, adapter_train)
+        elif spec.insertion == "parallel":
+            y = _run_one(module, path, spec, x, y, adapter_train)
+        elif spec.insertion == "weight":
+            raise ValueError(
+                f"adapter {spec.name!r} uses weight insertion, which {type(module).__name__} "
+                f"at {path!r} does not support."
+            )
+    return y

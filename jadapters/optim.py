@@ -1,0 +1,92 @@
+"""optax for a frozen base: the trainable mask, and transformations that never move the base.
+
+Why ``optax.masked`` alone does not freeze: ``optax.masked(tx, mask)`` applies ``tx`` to the
+masked leaves and passes every other leaf's *raw gradient through unchanged* as its update,
+so ``optax.apply_updates`` still moves the "frozen" base by ``-grad`` (and the full gradient
+is computed, so nothing is saved either). Freezing needs the base's updates set to zero:
+:func:`freeze_base` routes the base to ``optax.set_to_zero()`` through
+``optax.multi_transform``, which keeps optimizer state for adapter leaves only. Better still,
+differentiate with respect to the adapter partition only (:mod:`jadapters.training`); then
+the base gradient is never computed at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen
+
+TRAINABLE = "adapters"
+FROZEN = "frozen"
+
+
+def _linen_labels(adapted: AdaptedLinen, variables: dict) -> dict:
+    enabled = set(adapted.get_enabled_adapters())
+
+    def label_collection(name: str, tree: Any) -> Any:
+        if name != ADAPTER_COLLECTION:
+            return jax.tree.map(lambda _: FROZEN, tree)
+
+        def label(path, _):
+            keys = {getattr(k, "key", None) for k in path}
+            return TRAINABLE if keys & enabled else FROZEN
+
+        return jax.tree_util.tree_map_with_path(label, tree)
+
+    return {name: label_collection(name, tree) for name, tree in variables.items()}
+
+
+def trainable_mask(model: Any, variables: Any = None) -> Any:
+    """A pytree of bools, True exactly on the enabled adapters' weights.
+
+    Args:
+      model: an adapted Linen model (then give its full ``variables``), or an adapted NNX
+        model (then the mask is over ``nnx.state(model, nnx.Param, jadapters.AdapterParam)``
+        and ``variables`` is ignored).
+    """
+    labels = param_labels(model, variables)
+    return jax.tree.map(lambda label: label == TRAINABLE, labels)
+
+
+def param_labels(model: Any, variables: Any = None) -> Any:
+    """Labels ``"adapters"``/``"frozen"`` for ``optax.multi_transform``; see
+    :func:`trainable_mask` for the tree they cover."""
+    if isinstance(model, AdaptedLinen):
+        if variables is None:
+            raise ValueError("variables must be given for a Linen model; got None.")
+        return _linen_labels(model, variables)
+    if isinstance(model, nnx.Module):
+        trainable = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
+        from jadapters.nnx.shell import AdapterParam
+
+        state = nnx.state(model, nnx.Any(nnx.Param, AdapterParam))
+        flat = nnx.to_flat_state(state)
+        labels = [(path, TRAINABLE if trainable(path, var) else FROZEN) for path, var in flat]
+        return nnx.from_flat_state(labels).to_pure_dict()
+    raise ValueError(f"model must be an adapted Linen or NNX model, got {type(model).__name__}.")
+
+
+def freeze_base(tx: optax.GradientTransformation, labels: Any) -> optax.GradientTransformation:
+    """``tx`` on the adapter leaves, ``optax.set_to_zero()`` on everything else.
+
+    Optimizer state exists for the adapter leaves only; base leaves get zero updates whatever
+    gradient reaches them.
+
+    Args:
+      tx: any optax transformation.
+      labels: a pytree of ``"adapters"``/``"frozen"`` labels (:func:`param_labels`) or a
+        function from params to such a pytree.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"params": {"w": jnp.ones(2)}, "adapters": {"a": jnp.ones(2)}}
+    >>> labels = {"params": {"w": "frozen"}, "adapters": {"a": "adapters"}}
+    >>> tx = freeze_base(optax.sgd(1.0), labels)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["params"]["w"], updates["adapters"]["a"]
+    (Array([0., 0.], dtype=float32), Array([-1., -1.], dtype=float32))
+    """
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)

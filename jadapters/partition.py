@@ -1,0 +1,151 @@
+"""Base and adapter partitions of one model, and a printable summary of its adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jadapters.linen.transform import ADAPTER_COLLECTION
+from jadapters.nnx.shell import AdapterParam
+
+
+def split_variables(variables: dict) -> tuple[dict, dict]:
+    """Splits Linen ``variables`` into ``(base, adapters)``.
+
+    ``base`` is every collection but ``"adapters"`` (``{"params": ..., "batch_stats": ...}``),
+    ``adapters`` the ``"adapters"`` collection.
+
+    >>> split_variables({"params": {"w": 1}, "adapters": {"a": 2}})
+    ({'params': {'w': 1}}, {'a': 2})
+    """
+    base = {k: v for k, v in variables.items() if k != ADAPTER_COLLECTION}
+    return base, variables.get(ADAPTER_COLLECTION, {})
+
+
+def merge_variables(base: dict, adapters: dict) -> dict:
+    """Inverse of :func:`split_variables`."""
+    return {**base, ADAPTER_COLLECTION: adapters}
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """Splits an NNX model into ``(graphdef, adapters, base)``: adapter weights, then all else.
+
+    ``nnx.merge(graphdef, adapters, base)`` rebuilds the model.
+    """
+    graphdef, adapters, base = nnx.split(model, AdapterParam, ...)
+    return graphdef, adapters, base
+
+
+def _count(tree: Any) -> tuple[int, int]:
+    leaves = jax.tree.leaves(tree)
+    return (
+        sum(int(np.prod(x.shape)) for x in leaves),
+        sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSummaryRow:
+    name: str
+    group: str
+    type: str
+    insertion: str
+    enabled: bool
+    hosts: tuple[str, ...]
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    params: int
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSummary:
+    """What :func:`summarize` returns; ``str()`` renders a table."""
+
+    rows: tuple[AdapterSummaryRow, ...]
+    base_params: int
+    base_bytes: int
+
+    @property
+    def adapter_params(self) -> int:
+        return sum(r.params for r in self.rows)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{'name':<14}{'group':<10}{'type':<16}{'insertion':<10}{'on':<4}"
+            f"{'hosts':>6}{'params':>12}{'% of base':>11}"
+        ]
+        for r in self.rows:
+            share = 100.0 * r.params / max(self.base_params, 1)
+            lines.append(
+                f"{r.name:<14}{r.group or chr(39) * 2:<10}{r.type:<16}{r.insertion:<10}"
+                f"{'yes' if r.enabled else 'no':<4}{len(r.hosts):>6}{r.params:>12,}{share:>10.3f}%"
+            )
+        share = 100.0 * self.adapter_params / max(self.base_params, 1)
+        lines.append(
+            f"total: {self.adapter_params:,} adapter parameters, {share:.3f}% of the base's "
+            f"{self.base_params:,}"
+        )
+        for r in self.rows:
+            lines.append(f"  {r.name}: hosts {list(r.hosts)}")
+            for path, shape in r.shapes:
+                lines.append(f"    {path}: {shape}")
+        return "\n".join(lines)
+
+
+def _flat(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        out.append(((prefix + "/" if prefix else "") + "/".join(keys), leaf))
+    return out
+
+
+def _adapter_leaves(model: Any, variables: Any) -> tuple[list[tuple[str, Any]], Any, Any]:
+    if isinstance(model, nnx.Module):
+        adapters = nnx.state(model, AdapterParam)
+        base = nnx.state(model, nnx.Param)
+        specs = model.get_adapter_specs()
+        leaves = _flat(jax.tree.map(lambda v: v, adapters.to_pure_dict()))
+        return leaves, base, specs
+    base, adapters = split_variables(variables)
+    return _flat(adapters), base.get("params", {}), model.adapters
+
+
+def summarize(model: Any, variables: Any = None) -> AdapterSummary:
+    """Summarizes a model's adapters: name, group, type, insertion, hosts, shapes, counts.
+
+    Args:
+      model: an adapted Linen model (pass its ``variables`` too) or adapted NNX model.
+      variables: the Linen model's variables; unused for NNX.
+    """
+    leaves, base, specs = _adapter_leaves(model, variables)
+    base_params, base_bytes = _count(base)
+    rows = []
+    for spec in specs:
+        mine = [(p, x) for p, x in leaves if f"/{spec.name}/" in f"/{p}/"]
+        hosts = []
+        for p, _ in mine:
+            parts = p.split("/")
+            host = "/".join(parts[: parts.index(spec.name)])
+            host = host.removesuffix("/adapter_layer")
+            if host not in hosts:
+                hosts.append(host)
+        params, nbytes = _count([x for _, x in mine])
+        rows.append(
+            AdapterSummaryRow(
+                name=spec.name,
+                group=spec.group,
+                type=type(spec.cfg).__name__.removesuffix("Config"),
+                insertion=spec.insertion,
+                enabled=spec.enabled,
+                hosts=tuple(hosts),
+                shapes=tuple((p, tuple(x.shape)) for p, x in mine),
+                params=params,
+                bytes=nbytes,
+            )
+        )
+    return AdapterSummary(tuple(rows), base_params, base_bytes)

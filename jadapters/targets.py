@@ -1,0 +1,110 @@
+"""Where adapters go: named groups of module-path rules, matched against a model's modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Target:
+    """A rule selecting host modules by path.
+
+    Module paths are the names from the root joined by ``/`` (``"encoder/layers_0/mlp"``).
+
+    Attributes:
+      pattern: a regular expression that must match the *whole* path.
+      methods: the host methods adapters wrap; ``("__call__",)`` by default.
+      module_types: if given, only hosts that are instances of one of these classes match.
+
+    >>> Target(pattern=r".*/mlp").matches("encoder/layers_0/mlp", object())
+    True
+    """
+
+    pattern: str
+    methods: tuple[str, ...] = ("__call__",)
+    module_types: tuple[type, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise ValueError(f"pattern must be a str regular expression, got {self.pattern!r}.")
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {err}")
+        if isinstance(self.methods, str) or not self.methods:
+            raise ValueError(f"methods must be a non-empty tuple of names, got {self.methods!r}.")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "module_types", tuple(self.module_types))
+
+    def matches(self, path: str, module: Any) -> bool:
+        if self.module_types and not isinstance(module, self.module_types):
+            return False
+        return re.fullmatch(self.pattern, path) is not None
+
+
+TargetsLike = Union[str, Target, Sequence[str | Target], Mapping[str, Any]]
+
+
+def _as_rules(value: Any, group: str) -> tuple[Target, ...]:
+    if isinstance(value, (str, Target)):
+        value = [value]
+    rules = []
+    for item in value:
+        if isinstance(item, str):
+            rules.append(Target(pattern=item))
+        elif isinstance(item, Target):
+            rules.append(item)
+        else:
+            raise ValueError(
+                f"targets for group {group!r} must be regex strings or Target rules, got {item!r}."
+            )
+    if not rules:
+        raise ValueError(f"targets for group {group!r} are empty; give at least one pattern.")
+    return tuple(rules)
+
+
+def normalize_targets(targets: TargetsLike) -> tuple[tuple[str, tuple[Target, ...]], ...]:
+    """Turns the user's ``targets`` into ``((group, rules), ...)`` with ``''`` first.
+
+    A pattern or a list of them is the default group ``''``. A mapping names groups; when it
+    has no ``''`` entry, the default group is the first one listed.
+
+    >>> normalize_targets({"encoder": "enc/.*", "decoder": "dec/.*"})[0][0]
+    ''
+    """
+    if isinstance(targets, Mapping):
+        if not targets:
+            raise ValueError("targets is empty; name at least one group of patterns.")
+        groups = []
+        for group, value in targets.items():
+            if not isinstance(group, str) or ":" in group:
+                raise ValueError(f"target group names must be str without ':', got {group!r}.")
+            groups.append((group, _as_rules(value, group)))
+        if "" not in dict(groups):
+            groups.insert(0, ("", groups[0][1]))
+        else:
+            groups.sort(key=lambda g: g[0] != "")
+        return tuple(groups)
+    return (("", _as_rules(targets, "")),)
+
+
+def closest_paths(pattern: str, paths: Iterable[str], limit: int = 12) -> list[str]:
+    """Existing paths sorted by similarity to ``pattern``, most similar first."""
+    paths = sorted(set(paths))
+    return sorted(paths, key=lambda p: -difflib.SequenceMatcher(None, pattern, p).ratio())[:limit]
+
+
+def unmatched_error(rule: Target, group: str, paths: Iterable[str]) -> ValueError:
+    shown = closest_paths(rule.pattern, paths)
+    return ValueError(
+        f"target pattern {rule.pattern!r} (group {group!r}) matches no module. Module paths "
+        f"that exist, closest first: {shown}. Patterns must match the whole path."
+    )
+
+
+def path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(p) for p in path)
