@@ -154,7 +154,9 @@ def scaled_add(x: jax.Array, adapter_output: jax.Array, *, scale: float) -> jax.
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReturnResultStrategy:
-    """Returns the adapter's output as the new stream value (NeMo's ``ReturnResultAdapterStrategy``).
+    """Returns the adapter's output as the new stream value.
+
+    NeMo's ``ReturnResultAdapterStrategy``.
 
     >>> import jax.numpy as jnp
     >>> ReturnResultStrategy()(jnp.ones(2), jnp.zeros(2), key=None, training=False).output

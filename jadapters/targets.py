@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,7 +34,9 @@ class Target:
         try:
             re.compile(self.pattern)
         except re.error as err:
-            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {err}")
+            raise ValueError(
+                f"pattern {self.pattern!r} is not a valid regular expression: {err}"
+            ) from err
         if isinstance(self.methods, str) or not self.methods:
             raise ValueError(f"methods must be a non-empty tuple of names, got {self.methods!r}.")
         object.__setattr__(self, "methods", tuple(self.methods))

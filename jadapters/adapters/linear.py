@@ -116,16 +116,9 @@ class LinearAdapter(nn.Module):
 class LinearAdapterConfig(AdapterConfig):
     """Frozen, JSON-serializable configuration of a :class:`LinearAdapter` (same fields).
 
-    >>> LinearAdapterConfig(dim=8).build()
-    LinearAdapter(
-        # attributes
-        dim = 8
-        in_features = None
-        activation = 'swish'
-        norm_position = 'pre'
-        dropout = 0.0
-        adapter_strategy = ResidualAddStrategy(stochastic_depth=0.0, l2_lambda=0.0, per_example=False)
-    )
+    >>> module = LinearAdapterConfig(dim=8, activation="relu").build()
+    >>> type(module).__name__, module.dim, module.activation
+    ('LinearAdapter', 8, 'relu')
     """
 
     dim: int

@@ -173,7 +173,7 @@ class AdaptedLinen(nn.Module):
             module = context.module
             if module is wrapper or module.scope is None:
                 return next_fun(*args, **kwargs)
-            path = path_str(module.path)
+            path = path_str(module.scope.path)
             seen.append((path, module, context.method_name))
             specs = wrapper._host_specs(path, module, context.method_name)
             if not specs:
@@ -183,7 +183,7 @@ class AdaptedLinen(nn.Module):
         return intercept
 
     def _check_all_matched(self, seen) -> None:
-        paths = [p for p, _, _ in seen]
+        paths = [p for p, _, _ in seen if p]
         for group, rules in self.groups:
             for rule in rules:
                 if not any(rule.matches(p, m) and meth in rule.methods for p, m, meth in seen):
@@ -194,7 +194,7 @@ def _recorder(seen):
     def record(next_fun, args, kwargs, context):
         module = context.module
         if module.scope is not None:
-            seen.append((path_str(module.path), module, context.method_name))
+            seen.append((path_str(module.scope.path), module, context.method_name))
         return next_fun(*args, **kwargs)
 
     return record

@@ -105,7 +105,7 @@ def transform_nnx(model: nnx.Module, groups, *, accepted_types=()) -> nnx.Module
                     hosts.append((p, m))
         found[group] = hosts
     for hosts in found.values():
-        for p, m in hosts:
+        for _, m in hosts:
             m.__class__ = host_class(type(m), tuple(methods_of[id(m)]))
             if accepted_types:
                 m.set_accepted_adapter_types(accepted_types)
