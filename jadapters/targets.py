@@ -48,7 +48,7 @@ class Target:
         return re.fullmatch(self.pattern, path) is not None
 
 
-TargetsLike = Union[str, Target, Sequence[str | Target], Mapping[str, Any]]
+TargetsLike = str | Target | Sequence[str | Target] | Mapping[str, Any]
 
 
 def _as_rules(value: Any, group: str) -> tuple[Target, ...]:
