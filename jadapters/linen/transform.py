@@ -173,7 +173,7 @@ class AdaptedLinen(nn.Module):
             module = context.module
             if module is wrapper or module.scope is None:
                 return next_fun(*args, **kwargs)
-            path = path_str(module.scope.path)
+            path = _host_path(module)
             seen.append((path, module, context.method_name))
             specs = wrapper._host_specs(path, module, context.method_name)
             if not specs:
@@ -190,11 +190,25 @@ class AdaptedLinen(nn.Module):
                     raise unmatched_error(rule, group, paths)
 
 
+def _host_path(module: nn.Module) -> str:
+    """Where ``module``'s variables live: its scope names up from the root.
+
+    Walks the scope parents rather than reading ``scope.path``, which keeps the pre-sharing
+    path when the wrapper's ``nn.share_scope`` re-parents scopes.
+    """
+    names = []
+    scope = module.scope
+    while scope is not None and scope.parent is not None:
+        names.append(scope.name)
+        scope = scope.parent
+    return path_str(reversed(names))
+
+
 def _recorder(seen):
     def record(next_fun, args, kwargs, context):
         module = context.module
         if module.scope is not None:
-            seen.append((path_str(module.scope.path), module, context.method_name))
+            seen.append((_host_path(module), module, context.method_name))
         return next_fun(*args, **kwargs)
 
     return record
