@@ -9,8 +9,15 @@ from jadapters._adapter_set import AdapterSet as AdapterSet
 from jadapters._adapter_set import AdapterSpec as AdapterSpec
 from jadapters._chain import apply_adapter as apply_adapter
 from jadapters.adapters.base import AdapterConfig as AdapterConfig
+from jadapters.adapters.ia3 import IA3 as IA3
+from jadapters.adapters.ia3 import IA3Config as IA3Config
 from jadapters.adapters.linear import LinearAdapter as LinearAdapter
 from jadapters.adapters.linear import LinearAdapterConfig as LinearAdapterConfig
+from jadapters.adapters.lora import LoRA as LoRA
+from jadapters.adapters.lora import LoRAConfig as LoRAConfig
+from jadapters.adapters.lora import lora_delta as lora_delta
+from jadapters.adapters.parallel import ParallelAdapter as ParallelAdapter
+from jadapters.adapters.parallel import ParallelAdapterConfig as ParallelAdapterConfig
 from jadapters.config import build_adapter as build_adapter
 from jadapters.config import config_from_dict as config_from_dict
 from jadapters.config import config_from_json as config_from_json
@@ -55,6 +62,13 @@ from jadapters.transform import adapter_transform as adapter_transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "IA3",
+    "IA3Config",
+    "LoRA",
+    "LoRAConfig",
+    "ParallelAdapter",
+    "ParallelAdapterConfig",
+    "lora_delta",
     "ADAPTER_COLLECTION",
     "AdaptedLinen",
     "AdapterSummary",

@@ -37,3 +37,22 @@ def check_strategy(value: Any, *, argument: str = "adapter_strategy") -> None:
             f"{argument} must be hashable so it can live in static model structure; "
             f"make it a frozen dataclass. Got {value!r}."
         ) from err
+
+
+def check_dtype(name: str, value: Any) -> None:
+    import numpy as np
+
+    try:
+        ok = isinstance(value, str) and np.dtype(_dtype_of(value)).kind == "f"
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} must name a floating dtype such as 'float32' or 'bfloat16', got {value!r}."
+        )
+
+
+def _dtype_of(name: str):
+    import jax.numpy as jnp
+
+    return jnp.dtype(name)

@@ -12,7 +12,10 @@ import dataclasses
 import json
 from typing import Any
 
+from jadapters.adapters.ia3 import IA3, IA3Config
 from jadapters.adapters.linear import LinearAdapter, LinearAdapterConfig
+from jadapters.adapters.lora import LoRA, LoRAConfig
+from jadapters.adapters.parallel import ParallelAdapter, ParallelAdapterConfig
 from jadapters.strategies import ResidualAddStrategy, ReturnResultStrategy, ScaledAddStrategy
 
 __all__ = [
@@ -221,3 +224,6 @@ register_strategy(ResidualAddStrategy)
 register_strategy(ReturnResultStrategy)
 register_strategy(ScaledAddStrategy)
 register_adapter(LinearAdapterConfig, LinearAdapter)
+register_adapter(LoRAConfig, LoRA)
+register_adapter(IA3Config, IA3)
+register_adapter(ParallelAdapterConfig, ParallelAdapter)

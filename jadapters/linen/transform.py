@@ -22,8 +22,9 @@ from jadapters._adapter_set import (
     check_insertion,
     split_qualified_name,
 )
-from jadapters._chain import apply_adapter
+from jadapters._chain import apply_adapter, apply_weight_adapter
 from jadapters.config import build_adapter, config_of
+from jadapters.kernels import kernel_layout
 from jadapters.losses import AUX_LOSS_COLLECTION
 from jadapters.targets import Target, path_str, unmatched_error
 
@@ -214,7 +215,7 @@ def _recorder(seen):
     return record
 
 
-def _adapter_params(module: nn.Module, path: str, spec: AdapterSpec, adapter, sample):
+def _adapter_params(module: nn.Module, path: str, spec: AdapterSpec, adapter, sample, **kwargs):
     scope = module.scope
     if scope.has_variable(ADAPTER_COLLECTION, spec.name):
         return scope.get_variable(ADAPTER_COLLECTION, spec.name)
@@ -224,20 +225,38 @@ def _adapter_params(module: nn.Module, path: str, spec: AdapterSpec, adapter, sa
             "variables were created. Call adapted.init_adapters(rng, variables, *inputs) first."
         )
     rng = module.make_rng("params")
-    params = adapter.init(rng, jnp.zeros_like(sample))["params"]
+    params = adapter.init(rng, jnp.zeros_like(sample), **kwargs)["params"]
     scope.put_variable(ADAPTER_COLLECTION, spec.name, params)
     return params
 
 
 def _run_one(module, path, spec, x, stream, adapter_train):
     adapter = build_adapter(spec.cfg)
-    params = _adapter_params(module, path, spec, adapter, x)
-    if not spec.enabled:
-        return stream
     key = module.make_rng("dropout") if adapter_train and module.has_rng("dropout") else None
-    result = apply_adapter(
-        adapter, {"params": params}, x, stream=stream, training=adapter_train, key=key
-    )
+    if spec.insertion == "weight":
+        kernel = module.scope.get_variable("params", "kernel")
+        layout = kernel_layout(module, tuple(kernel.shape))
+        sample = jnp.zeros((1, layout.in_features), x.dtype)
+        params = _adapter_params(
+            module, path, spec, adapter, sample, out_features=layout.out_features
+        )
+        if not spec.enabled:
+            return stream
+        result = apply_weight_adapter(
+            adapter, {"params": params}, x, stream, layout, training=adapter_train, key=key
+        )
+    else:
+        kwargs = (
+            {"out_features": stream.shape[-1]}
+            if getattr(adapter, "needs_out_features", False)
+            else {}
+        )
+        params = _adapter_params(module, path, spec, adapter, x, **kwargs)
+        if not spec.enabled:
+            return stream
+        result = apply_adapter(
+            adapter, {"params": params}, x, stream=stream, training=adapter_train, key=key
+        )
     if result.aux_loss is not None:
         module.sow(AUX_LOSS_COLLECTION, spec.name, result.aux_loss, reduce_fn=_add, init_fn=_zero)
     return result.output
@@ -258,14 +277,12 @@ def _run_host(module, path, specs, next_fun, args, kwargs, adapter_train):
             f"host {path!r} returns {type(y).__name__}, not an array; target a submodule whose "
             "output is a single array."
         )
+    for spec in specs:  # weight adapters change the host itself, so they come first
+        if spec.insertion == "weight":
+            y = _run_one(module, path, spec, x, y, adapter_train)
     for spec in specs:
         if spec.insertion == "output":
             y = _run_one(module, path, spec, y, y, adapter_train)
         elif spec.insertion == "parallel":
             y = _run_one(module, path, spec, x, y, adapter_train)
-        elif spec.insertion == "weight":
-            raise ValueError(
-                f"adapter {spec.name!r} uses weight insertion, which {type(module).__name__} "
-                f"at {path!r} does not support."
-            )
     return y

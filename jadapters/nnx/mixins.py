@@ -25,6 +25,7 @@ from jadapters._adapter_set import (
     split_qualified_name,
 )
 from jadapters.config import build_adapter, config_of
+from jadapters.kernels import kernel_layout
 from jadapters.nnx.shell import AdapterParam, NNXAdapter
 
 
@@ -78,6 +79,8 @@ def _infer_in_features(module: Any, insertion: str) -> int | None:
         names = ("in_features", "num_features", "adapter_features")
     for attr in names:
         value = getattr(module, attr, None)
+        if isinstance(value, tuple) and value and isinstance(value[-1], int):
+            value = value[-1]  # LinearGeneral: the adapter acts on the last axis
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
@@ -153,14 +156,21 @@ class AdapterModuleMixin:
         check_insertion(insertion)
         spec = AdapterSpec(name=bare, group="", cfg=cfg, insertion=insertion)
         new_set = self._adapter_set().add(spec)
-        features = getattr(cfg, "in_features", None) or in_features
-        features = features or _infer_in_features(self, insertion)
+        out_features = None
+        if insertion == "weight":
+            layout = kernel_layout(self)
+            features, out_features = layout.in_features, layout.out_features
+        else:
+            features = getattr(cfg, "in_features", None) or in_features
+            features = features or _infer_in_features(self, insertion)
+            if getattr(module_cls, "needs_out_features", False):
+                out_features = _infer_in_features(self, "output")
         if features is None:
             raise ValueError(
                 f"cannot infer the input width of adapter {bare!r} on {type(self).__name__}: "
                 "pass in_features=... to add_adapter or set it in the config."
             )
-        shell = NNXAdapter(cfg, (1, features), rngs=rngs, dtype=dtype)
+        shell = NNXAdapter(cfg, (1, features), rngs=rngs, dtype=dtype, out_features=out_features)
         if getattr(self, "adapter_layer", None) is None:
             self.adapter_layer = nnx.Dict()
         self.adapter_layer[bare] = shell
@@ -214,6 +224,16 @@ class AdapterModuleMixin:
             if spec.insertion == "input":
                 x = self.adapter_layer[spec.name](x).output
         return x
+
+    def forward_weight_adapters(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        """Joins the enabled ``weight`` adapters' (LoRA) updates, fed the host's input ``x``,
+        to the host's output ``y``."""
+        specs = [s for s in self._adapter_set().enabled() if s.insertion == "weight"]
+        if specs:
+            layout = kernel_layout(self)
+            for spec in specs:
+                y = self.adapter_layer[spec.name](x, stream=y, layout=layout).output
+        return y
 
     def forward_enabled_adapters(self, x: jax.Array, *, host_input: jax.Array | None = None):
         """Runs the enabled ``output`` and ``parallel`` adapters as a chain (NeMo's forward).

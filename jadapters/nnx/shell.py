@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jadapters._chain import apply_adapter
+from jadapters._chain import apply_adapter, apply_weight_adapter
 from jadapters.config import build_adapter, config_of
+from jadapters.kernels import KernelLayout
 from jadapters.losses import AdapterLoss
 from jadapters.strategies import StrategyOutput
 
@@ -43,6 +44,7 @@ class NNXAdapter(nnx.Module):
       rngs: ``nnx.Rngs`` with a ``params`` stream (initialization) and optionally a
         ``dropout`` stream (needed for dropout or stochastic depth in training).
       dtype: dtype of the example input used for initialization.
+      out_features: output width, for adapters that need it (parallel adapters, LoRA).
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -60,10 +62,20 @@ class NNXAdapter(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
+        out_features: int | None = None,
     ):
         self.cfg = config_of(cfg)
         module = build_adapter(self.cfg)
-        variables = module.init(rngs.params(), jnp.zeros(tuple(sample_shape), dtype))
+        kwargs = {}
+        if getattr(module, "needs_out_features", False):
+            if out_features is None:
+                raise ValueError(
+                    f"{type(module).__name__} needs out_features (the host's output width); "
+                    "pass out_features=..."
+                )
+            kwargs["out_features"] = out_features
+        self.out_features = out_features
+        variables = module.init(rngs.params(), jnp.zeros(tuple(sample_shape), dtype), **kwargs)
         extra = sorted(set(variables) - {"params"})
         if extra:
             raise ValueError(
@@ -82,18 +94,35 @@ class NNXAdapter(nnx.Module):
     def param_values(self) -> Any:
         return jax.tree.map(lambda v: v[...], self.params, is_leaf=_is_variable)
 
-    def __call__(self, x: jax.Array, *, stream: jax.Array | None = None) -> StrategyOutput:
-        """Runs the adapter on ``x`` and joins it to ``stream`` (``x`` by default)."""
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        stream: jax.Array | None = None,
+        layout: KernelLayout | None = None,
+    ) -> StrategyOutput:
+        """Runs the adapter on ``x`` and joins it to ``stream`` (``x`` by default).
+
+        A weight adapter (LoRA) also takes its host's kernel ``layout``; ``stream`` is then
+        the host's output.
+        """
         training = not self.deterministic
         key = self.rngs() if training and self.rngs is not None else None
-        result = apply_adapter(
-            self.module,
-            {"params": self.param_values()},
-            x,
-            stream=stream,
-            training=training,
-            key=key,
-        )
+        variables = {"params": self.param_values()}
+        if layout is not None:
+            result = apply_weight_adapter(
+                self.module, variables, x, stream, layout, training=training, key=key
+            )
+        else:
+            result = apply_adapter(
+                self.module,
+                variables,
+                x,
+                stream=stream,
+                training=training,
+                key=key,
+                out_features=self.out_features,
+            )
         if result.aux_loss is not None:
             self.sow(
                 AdapterLoss,

@@ -33,6 +33,7 @@ def _wrap_method(original):
             )
         x = self.forward_input_adapters(args[0])
         y = original(self, x, *args[1:], **kwargs)
+        y = self.forward_weight_adapters(x, y)
         return self.forward_enabled_adapters(y, host_input=x)
 
     return method

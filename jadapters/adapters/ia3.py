@@ -1,0 +1,83 @@
+"""IA3 (Liu et al. 2022): a learned per-feature scale on a host's output."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jadapters import _checks
+from jadapters.adapters.base import AdapterConfig
+from jadapters.strategies import ResidualAddStrategy
+
+
+def ia3_delta(y: jax.Array, scale: jax.Array) -> jax.Array:
+    """``y * (scale - 1)``: what IA3 adds to the stream, so that ``y + delta == y * scale``.
+
+    >>> import jax.numpy as jnp
+    >>> ia3_delta(jnp.full(2, 2.0), jnp.array([1.0, 3.0]))
+    Array([0., 4.], dtype=float32)
+    """
+    return y * (scale.astype(y.dtype) - jnp.ones((), y.dtype))
+
+
+class IA3(nn.Module):
+    """Rescales the host's output features by a learned vector ``l`` (ones at init).
+
+    Joined after the host's output (``insertion="output"``): with the default residual
+    add, the stream becomes ``y * l``. Target the key and value projections of attention (and
+    the MLP's first layer) as in the paper. The scale acts on the last axis; because
+    ``y * l`` is linear in the host's kernel, :func:`jadapters.merge_adapters` folds it into
+    the kernel and bias.
+
+    Attributes:
+      in_features: width of the scaled axis; ``None`` infers it from the input.
+      param_dtype: dtype of ``l``.
+      adapter_strategy: residual add (the only strategy that keeps IA3's meaning).
+
+    >>> import jax, jax.numpy as jnp
+    >>> ia3 = IA3()
+    >>> y = jnp.ones((2, 4))
+    >>> variables = ia3.init(jax.random.key(0), y)
+    >>> bool((ia3.apply(variables, y) == 0).all())
+    True
+    """
+
+    _: dataclasses.KW_ONLY
+    in_features: int | None = None
+    param_dtype: str = "float32"
+    adapter_strategy: Any = ResidualAddStrategy()
+
+    default_insertion: ClassVar[str] = "output"
+
+    def __post_init__(self):
+        _check_ia3(self.in_features, self.param_dtype, self.adapter_strategy)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, y: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        del deterministic
+        features = self.in_features or y.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.dtype(self.param_dtype))
+        return ia3_delta(y, scale)
+
+
+def _check_ia3(in_features, param_dtype, adapter_strategy):
+    _checks.check_positive_int("in_features", in_features, allow_none=True)
+    _checks.check_dtype("param_dtype", param_dtype)
+    _checks.check_strategy(adapter_strategy)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IA3Config(AdapterConfig):
+    """Frozen, JSON-serializable configuration of :class:`IA3` (same fields)."""
+
+    in_features: int | None = None
+    param_dtype: str = "float32"
+    adapter_strategy: Any = ResidualAddStrategy()
+
+    def __post_init__(self):
+        _check_ia3(self.in_features, self.param_dtype, self.adapter_strategy)

@@ -1,0 +1,162 @@
+"""LoRA (Hu et al. 2021): a low-rank update ``scale * A @ B`` of a host's kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jadapters import _checks
+from jadapters.adapters.base import AdapterConfig
+from jadapters.strategies import ResidualAddStrategy
+
+A_INITS = ("he_uniform", "gaussian")
+
+
+def lora_scale(rank: int, alpha: float | None, rslora: bool = False) -> float:
+    """``alpha / rank`` (or ``alpha / sqrt(rank)`` for rsLoRA); ``alpha=None`` means ``rank``.
+
+    >>> lora_scale(8, 16.0), lora_scale(4, 8.0, rslora=True)
+    (2.0, 4.0)
+    """
+    alpha = float(rank if alpha is None else alpha)
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float) -> jax.Array:
+    """``scale * (x @ a) @ b``: the LoRA update's effect on a flattened input (pure math).
+
+    >>> import jax.numpy as jnp
+    >>> lora_delta(jnp.ones((1, 2)), jnp.ones((2, 1)), jnp.ones((1, 3)), scale=0.5)
+    Array([[1., 1., 1.]], dtype=float32)
+    """
+    h = jnp.matmul(x, a.astype(x.dtype))
+    return jnp.matmul(h, b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+
+
+def _check_lora(rank, alpha, rslora, dropout, a_init, param_dtype, adapter_strategy):
+    _checks.check_positive_int("rank", rank)
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise ValueError(f"alpha must be a number or None (meaning alpha = rank), got {alpha!r}.")
+    if not isinstance(rslora, bool):
+        raise ValueError(f"rslora must be a bool, got {rslora!r}.")
+    _checks.check_rate("dropout", dropout)
+    _checks.check_choice("a_init", a_init, A_INITS)
+    _checks.check_dtype("param_dtype", param_dtype)
+    _checks.check_strategy(adapter_strategy)
+
+
+class LoRA(nn.Module):
+    """Low-rank adaptation of a host's kernel: ``W + scale * A @ B``.
+
+    Joined with ``insertion="weight"`` (its default) to a Dense-like host (Linen ``Dense``,
+    ``DenseGeneral``, ``Einsum``; NNX ``Linear``, ``LinearGeneral``, ``Einsum``), so the host
+    computes ``f(x; W) + scale * f(x; A @ B)``. The kernel's input dimensions are flattened to
+    ``A``'s rows and its output dimensions to ``B``'s columns. ``B`` starts at zero, so the
+    host is unchanged at init; :func:`jadapters.merge_adapters` folds the update into ``W``.
+
+    Called directly, the module maps a flattened input ``(..., in)`` to the update's output
+    ``(..., out_features)``.
+
+    Attributes:
+      rank: the rank ``r`` of the update.
+      alpha: scale numerator; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
+        ``rslora``); ``None`` means ``alpha = rank`` (scale 1).
+      rslora: use rank-stabilized scaling.
+      dropout: dropout rate on the LoRA branch's input (PRNG stream ``'dropout'``).
+      a_init: ``'he_uniform'`` (Kaiming-uniform, as PEFT) or ``'gaussian'`` (``1/r`` std).
+      param_dtype: dtype of ``A`` and ``B`` as a string, e.g. ``'float32'``, ``'bfloat16'``.
+      adapter_strategy: how the update joins the host's output; residual add by default.
+
+    >>> import jax, jax.numpy as jnp
+    >>> lora = LoRA(2, alpha=4.0)
+    >>> x = jnp.ones((3, 5))
+    >>> variables = lora.init(jax.random.key(0), x, out_features=4)
+    >>> [variables["params"][k].shape for k in ("a", "b")]
+    [(5, 2), (2, 4)]
+    >>> bool((lora.apply(variables, x, out_features=4) == 0).all())
+    True
+    """
+
+    rank: int
+    _: dataclasses.KW_ONLY
+    alpha: float | None = None
+    rslora: bool = False
+    dropout: float = 0.0
+    a_init: str = "he_uniform"
+    param_dtype: str = "float32"
+    adapter_strategy: Any = ResidualAddStrategy()
+
+    default_insertion: ClassVar[str] = "weight"
+    needs_out_features: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _check_lora(
+            self.rank,
+            self.alpha,
+            self.rslora,
+            self.dropout,
+            self.a_init,
+            self.param_dtype,
+            self.adapter_strategy,
+        )
+        super().__post_init__()
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.rank, self.alpha, self.rslora)
+
+    def factors(self, in_features: int, out_features: int) -> tuple[jax.Array, jax.Array]:
+        """Creates (at init) or reads the factors ``A`` ``(in, rank)`` and ``B`` ``(rank, out)``."""
+        dtype = jnp.dtype(self.param_dtype)
+        if self.a_init == "he_uniform":
+            a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        else:
+            a_init = nn.initializers.normal(1.0 / self.rank)
+        a = self.param("a", a_init, (in_features, self.rank), dtype)
+        b = self.param("b", nn.initializers.zeros, (self.rank, out_features), dtype)
+        return a, b
+
+    def flat_update(self, params: Any) -> jax.Array:
+        """The kernel update ``scale * A @ B`` as a ``(in, out)`` matrix, from ``params``."""
+        a, b = params["a"], params["b"]
+        return (a @ b) * jnp.asarray(self.scale, a.dtype)
+
+    @nn.compact
+    def __call__(self, x, *, out_features: int, deterministic: bool = True) -> jax.Array:
+        a, b = self.factors(x.shape[-1], out_features)
+        if self.dropout > 0.0:
+            x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+        return lora_delta(x, a, b, scale=self.scale)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig(AdapterConfig):
+    """Frozen, JSON-serializable configuration of :class:`LoRA` (same fields).
+
+    >>> LoRAConfig(rank=8, alpha=16.0).build().scale
+    2.0
+    """
+
+    rank: int
+    alpha: float | None = None
+    rslora: bool = False
+    dropout: float = 0.0
+    a_init: str = "he_uniform"
+    param_dtype: str = "float32"
+    adapter_strategy: Any = ResidualAddStrategy()
+
+    def __post_init__(self):
+        _check_lora(
+            self.rank,
+            self.alpha,
+            self.rslora,
+            self.dropout,
+            self.a_init,
+            self.param_dtype,
+            self.adapter_strategy,
+        )
