@@ -31,6 +31,7 @@ from jadapters.linen.transform import AdaptedLinen as AdaptedLinen
 from jadapters.losses import AUX_LOSS_COLLECTION as AUX_LOSS_COLLECTION
 from jadapters.losses import AdapterLoss as AdapterLoss
 from jadapters.losses import total_auxiliary_loss as total_auxiliary_loss
+from jadapters.merge import merge_adapters as merge_adapters
 from jadapters.nnx.mixins import AdapterFilter as AdapterFilter
 from jadapters.nnx.mixins import AdapterModelMixin as AdapterModelMixin
 from jadapters.nnx.mixins import AdapterModuleMixin as AdapterModuleMixin
@@ -62,6 +63,7 @@ from jadapters.transform import adapter_transform as adapter_transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "merge_adapters",
     "IA3",
     "IA3Config",
     "LoRA",
