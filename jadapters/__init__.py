@@ -18,6 +18,13 @@ from jadapters.adapters.lora import LoRAConfig as LoRAConfig
 from jadapters.adapters.lora import lora_delta as lora_delta
 from jadapters.adapters.parallel import ParallelAdapter as ParallelAdapter
 from jadapters.adapters.parallel import ParallelAdapterConfig as ParallelAdapterConfig
+from jadapters.checkpoint import AdapterCheckpointManager as AdapterCheckpointManager
+from jadapters.checkpoint import RestoredCheckpoint as RestoredCheckpoint
+from jadapters.checkpoint import abstract_adapters as abstract_adapters
+from jadapters.checkpoint import adapter_metadata as adapter_metadata
+from jadapters.checkpoint import load_adapters as load_adapters
+from jadapters.checkpoint import read_adapter_metadata as read_adapter_metadata
+from jadapters.checkpoint import save_adapters as save_adapters
 from jadapters.config import build_adapter as build_adapter
 from jadapters.config import config_from_dict as config_from_dict
 from jadapters.config import config_from_json as config_from_json
@@ -63,6 +70,13 @@ from jadapters.transform import adapter_transform as adapter_transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCheckpointManager",
+    "RestoredCheckpoint",
+    "abstract_adapters",
+    "adapter_metadata",
+    "load_adapters",
+    "read_adapter_metadata",
+    "save_adapters",
     "merge_adapters",
     "IA3",
     "IA3Config",

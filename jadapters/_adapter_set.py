@@ -93,9 +93,10 @@ class AdapterSet:
         return [s.name for s in self.specs if s.enabled]
 
     def get(self, name: str) -> AdapterSpec | None:
-        bare = name.rpartition(":")[2]
+        """The adapter called ``name``; a ``"group:name"`` must also match its group."""
+        group, sep, bare = name.rpartition(":")
         for spec in self.specs:
-            if spec.name == bare:
+            if spec.name == bare and (not sep or spec.group == group):
                 return spec
         return None
 
@@ -113,16 +114,16 @@ class AdapterSet:
         return AdapterSet(self.specs + (spec,))
 
     def remove(self, name: str) -> AdapterSet:
-        self._require(name)
-        bare = name.rpartition(":")[2]
-        return AdapterSet(tuple(s for s in self.specs if s.name != bare))
+        spec = self._require(name)
+        return AdapterSet(tuple(s for s in self.specs if s is not spec))
 
     def _require(self, name: str) -> AdapterSpec:
         if not self.specs:
             raise ValueError("no adapter is available: add one with add_adapter(name, cfg) first.")
         spec = self.get(name)
         if spec is None:
-            raise ValueError(f"unknown adapter name {name!r}; available: {self.names()}.")
+            available = [s.qualified_name for s in self.specs]
+            raise ValueError(f"unknown adapter name {name!r}; available: {available}.")
         return spec
 
     def set_enabled(self, name: str | None = None, enabled: bool = True) -> AdapterSet:

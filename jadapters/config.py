@@ -170,7 +170,13 @@ def _decode_strategy(data: Any) -> Any:
             "with jadapters.register_strategy before loading."
         )
     cls = _STRATEGIES[kind]
-    return cls(**_checked_kwargs(cls, {k: v for k, v in data.items() if k != "type"}))
+    kwargs = _checked_kwargs(cls, {k: v for k, v in data.items() if k != "type"})
+    return cls(**{k: _tuples(v) for k, v in kwargs.items()})
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples frozen dataclasses hold (recursively)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _checked_kwargs(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -199,10 +205,7 @@ def config_from_dict(data: dict[str, Any]) -> Any:
     kwargs = _checked_kwargs(config_cls, {k: v for k, v in data.items() if k != "type"})
     if "adapter_strategy" in kwargs:
         kwargs["adapter_strategy"] = _decode_strategy(kwargs["adapter_strategy"])
-    for f in dataclasses.fields(config_cls):
-        if isinstance(kwargs.get(f.name), list):
-            kwargs[f.name] = tuple(kwargs[f.name])
-    return config_cls(**kwargs)
+    return config_cls(**{k: _tuples(v) for k, v in kwargs.items()})
 
 
 def config_to_json(cfg: Any) -> str:

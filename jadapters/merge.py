@@ -52,6 +52,19 @@ def _check_mergeable(spec: AdapterSpec) -> None:
     )
 
 
+def _check_last_axis_from_kernel(layout: KernelLayout, spec: AdapterSpec) -> None:
+    if layout.einsum_str is None:
+        return
+    lhs, _, out = layout.einsum_str.partition("->")
+    kernel_subs = lhs.split(",")[1]
+    if not out or not kernel_subs or out[-1] != kernel_subs[-1]:
+        raise ValueError(
+            f"adapter {spec.name!r} (IA3) scales the last output axis of einsum "
+            f"{layout.einsum_str!r}, which is not the kernel's last axis, so it cannot be "
+            "folded into the kernel; keep it unmerged."
+        )
+
+
 def _fold(
     kernel: jax.Array,
     bias: jax.Array | None,
@@ -69,11 +82,14 @@ def _fold(
             new_kernel = new_kernel + factor * layout.to_kernel(update)
     for spec, params, weight in specs:
         if spec.insertion == "output":
+            _check_last_axis_from_kernel(layout, spec)
             factor = weight * _strategy_factor(spec)
             scale = 1.0 + factor * (params["scale"].astype(jnp.float32) - 1.0)
-            new_kernel = new_kernel * scale
+            # IA3 scales the output's last axis: the kernel's (and bias's) last axis. Broadcast
+            # explicitly, as rank promotion may be configured to raise.
+            new_kernel = new_kernel * scale.reshape((1,) * (new_kernel.ndim - 1) + (-1,))
             if new_bias is not None:
-                new_bias = new_bias * scale
+                new_bias = new_bias * scale.reshape((1,) * (new_bias.ndim - 1) + (-1,))
     return new_kernel.astype(kernel.dtype), None if bias is None else new_bias.astype(bias.dtype)
 
 

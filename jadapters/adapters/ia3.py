@@ -21,7 +21,9 @@ def ia3_delta(y: jax.Array, scale: jax.Array) -> jax.Array:
     >>> ia3_delta(jnp.full(2, 2.0), jnp.array([1.0, 3.0]))
     Array([0., 4.], dtype=float32)
     """
-    return y * (scale.astype(y.dtype) - jnp.ones((), y.dtype))
+    # Broadcast over the leading axes explicitly: rank promotion may be configured to raise.
+    scale = scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
+    return y * (scale - jnp.ones((), y.dtype))
 
 
 class IA3(nn.Module):

@@ -74,7 +74,7 @@ class LinenTransformer(nn.Module):
         pos = self.param(
             "pos", nn.initializers.normal(0.02), (self.max_len, self.d_model), jnp.float32
         )
-        x = x + pos[: x.shape[1]].astype(x.dtype)
+        x = x + pos[None, : x.shape[1]].astype(x.dtype)
         for i in range(self.num_layers):
             x = LinenBlock(
                 self.d_model, self.num_heads, self.mlp_dim, self.dropout, name=f"blocks_{i}"
@@ -160,7 +160,7 @@ class NNXTransformer(nnx.Module):
 
     def __call__(self, x):
         x = self.embed(x)
-        x = x + self.pos[: x.shape[1]].astype(x.dtype)
+        x = x + self.pos[None, : x.shape[1]].astype(x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x).mean(axis=1))

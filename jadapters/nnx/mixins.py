@@ -72,6 +72,11 @@ def freeze_batchnorm(root: nnx.Module) -> int:
 _freeze_batchnorm = freeze_batchnorm
 
 
+def _bare(name: str) -> str:
+    """A module-level mixin holds one module's adapters: ``"module:name"`` means ``name``."""
+    return name.rpartition(":")[2] if isinstance(name, str) else name
+
+
 def _infer_in_features(module: Any, insertion: str) -> int | None:
     if insertion in ("output",):
         names = ("out_features", "features", "num_features", "adapter_features")
@@ -186,7 +191,8 @@ class AdapterModuleMixin:
         Raises:
           ValueError: if no adapter exists or ``name`` is unknown.
         """
-        self._set_adapter_set(self._adapter_set().set_enabled(name, enabled))
+        bare = None if name is None else _bare(name)
+        self._set_adapter_set(self._adapter_set().set_enabled(bare, enabled))
 
     def get_enabled_adapters(self) -> list[str]:
         """Names of the enabled adapters, in insertion (chain) order."""
@@ -194,16 +200,16 @@ class AdapterModuleMixin:
 
     def get_adapter_module(self, name: str) -> NNXAdapter | None:
         """The adapter called ``name``, or ``None`` if there is none."""
-        spec = self._adapter_set().get(name)
+        spec = self._adapter_set().get(_bare(name))
         return None if spec is None else self.adapter_layer[spec.name]
 
     def get_adapter_cfg(self, name: str) -> Any:
         """The config of the adapter called ``name``, or ``None`` if there is none."""
-        spec = self._adapter_set().get(name)
+        spec = self._adapter_set().get(_bare(name))
         return None if spec is None else spec.cfg
 
     def get_adapter_insertion(self, name: str) -> str | None:
-        spec = self._adapter_set().get(name)
+        spec = self._adapter_set().get(_bare(name))
         return None if spec is None else spec.insertion
 
     def set_accepted_adapter_types(self, types: Iterable[type]) -> None:
@@ -329,6 +335,8 @@ class AdapterModelMixin:
 
     def set_enabled_adapters(self, name: str | None = None, enabled: bool = True) -> None:
         """Enables or disables one adapter (``name`` or ``"module:name"``) or all of them."""
+        if name is not None and ":" in name:
+            split_qualified_name(name, self.adapter_module_names)
         new_set = self._model_adapter_set().set_enabled(name, enabled)
         for spec in new_set:
             for host in self.adapter_group_modules(spec.group):

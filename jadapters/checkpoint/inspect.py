@@ -1,0 +1,123 @@
+"""``python -m jadapters inspect PATH``: what an adapter checkpoint holds, without a model.
+
+Reads only the checkpoint's JSON metadata and file sizes; no array is loaded, no model or
+adapter type is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from jadapters.checkpoint.io import read_adapter_metadata
+
+
+def describe(path: str) -> dict[str, Any]:
+    """A JSON-ready summary of the checkpoint at ``path``: the metadata plus counts and sizes.
+
+    Raises:
+      ValueError: for a missing or corrupted checkpoint.
+    """
+    data = read_adapter_metadata(path)
+    total_params = total_bytes = 0
+    for adapter in data["adapters"]:
+        params = nbytes = 0
+        for host in adapter["hosts"]:
+            for leaf in host["params"]:
+                size = int(np.prod(leaf["shape"], dtype=np.int64))
+                params += size
+                nbytes += size * np.dtype(leaf["dtype"]).itemsize
+        adapter["param_count"] = params
+        adapter["param_bytes"] = nbytes
+        total_params += params
+        total_bytes += nbytes
+    base = sum(
+        int(np.prod(leaf["shape"], dtype=np.int64))
+        for leaves in data["base_fingerprint"].values()
+        for leaf in leaves
+    )
+    data["path"] = path
+    data["param_count"] = total_params
+    data["param_bytes"] = total_bytes
+    data["base_host_param_count"] = base
+    return data
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def render(data: dict[str, Any]) -> str:
+    """The human-readable report of :func:`describe`'s output."""
+    lines = [
+        f"adapter checkpoint {data['path']}",
+        f"  version dir {data['version_dir']}; format {data['format_version']}; written by "
+        f"jadapters {data['library_version']} ({data['framework']}); "
+        f"{data['disk_bytes']:,} bytes on disk",
+        "",
+        f"{'name':<16}{'group':<10}{'type':<16}{'insertion':<10}{'enabled':<8}{'hosts':>6}"
+        f"{'params':>12}{'bytes':>12}",
+    ]
+    for a in data["adapters"]:
+        lines.append(
+            f"{a['name']:<16}{a['group'] or chr(39) * 2:<10}{a['type']:<16}{a['insertion']:<10}"
+            f"{'yes' if a['enabled'] else 'no':<8}{len(a['hosts']):>6}{a['param_count']:>12,}"
+            f"{a['param_bytes']:>12,}"
+        )
+    lines.append(
+        f"total: {len(data['adapters'])} adapters, {data['param_count']:,} parameters, "
+        f"{data['param_bytes']:,} bytes"
+    )
+    for a in data["adapters"]:
+        lines.append("")
+        lines.append(f"{a['name']}: {json.dumps(a['config'], sort_keys=True)}")
+        for host in a["hosts"]:
+            lines.append(f"  {host['path']}")
+            for leaf in host["params"]:
+                lines.append(
+                    f"    {'/'.join(leaf['path']):<28}{_shape(leaf['shape']):<16}{leaf['dtype']}"
+                )
+    lines.append("")
+    lines.append(
+        f"base fingerprint sha256:{data['base_fingerprint_sha256']} "
+        f"({data['base_host_param_count']:,} parameters at the hosts)"
+    )
+    for host, leaves in data["base_fingerprint"].items():
+        lines.append(f"  {host}")
+        for leaf in leaves:
+            lines.append(
+                f"    {'/'.join(leaf['path']):<28}{_shape(leaf['shape']):<16}{leaf['dtype']}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m jadapters inspect``; returns the exit status.
+
+    >>> main(["/nonexistent/checkpoint"])
+    1
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m jadapters inspect",
+        description="Print what an adapter checkpoint written by jadapters.save_adapters "
+        "holds: names, groups, types, insertion, shapes, parameter counts, bytes and the base "
+        "fingerprint. Reads metadata only; needs no model.",
+    )
+    parser.add_argument("path", help="the checkpoint directory")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    args = parser.parse_args(argv)
+    try:
+        data = describe(args.path)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else render(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The JSON metadata beside an adapter checkpoint's arrays: what was saved and on what base.
+
+The metadata names every adapter with its registered config, group, insertion, enabled state
+and, per host path, the names, shapes, dtypes and SHA-256 checksums of its weights. It also
+holds the *fingerprint* of the base the adapters attach to: for each host path, the host's own
+base parameters (names, shapes, dtypes). It is plain JSON, read with ``json`` only; configs are
+rebuilt through the adapter registry (:func:`jadapters.config_from_dict`), never by import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jadapters._adapter_set import INSERTIONS, AdapterSpec, check_name
+from jadapters.config import config_from_dict, config_to_dict
+
+FORMAT_NAME = "jadapters.adapter_checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    """One array: its key path in the tree, shape, dtype name and optional SHA-256 checksum."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    sha256: str | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class HostEntry:
+    """The weights one adapter holds at one host path."""
+
+    path: str
+    params: tuple[LeafInfo, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterEntry:
+    """One saved adapter. ``cfg`` is the rebuilt config, ``None`` when read without decoding."""
+
+    name: str
+    group: str
+    config: dict[str, Any]
+    cfg: Any
+    insertion: str
+    enabled: bool
+    hosts: tuple[HostEntry, ...]
+
+    @property
+    def type(self) -> str:
+        return str(self.config.get("type"))
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.group}:{self.name}" if self.group else self.name
+
+    def spec(self) -> AdapterSpec:
+        return AdapterSpec(self.name, self.group, self.cfg, self.insertion, self.enabled)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMetadata:
+    """Everything :func:`jadapters.save_adapters` writes beside the arrays."""
+
+    adapters: tuple[AdapterEntry, ...]
+    fingerprint: dict[str, tuple[LeafInfo, ...]]
+    framework: str
+    library_version: str
+    format_version: int = FORMAT_VERSION
+
+    def get(self, name: str) -> AdapterEntry | None:
+        for entry in self.adapters:
+            if entry.name == name:
+                return entry
+        return None
+
+
+def key_str(key: Any) -> str:
+    """A JAX tree-path key (dict key, sequence index, attribute) as a string."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flatten(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """``[(key path, leaf), ...]`` of a nested mapping of arrays, keys as strings."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(key_str(k) for k in path), leaf) for path, leaf in leaves]
+
+
+def checksum(x: Any) -> str | None:
+    """SHA-256 of an array's bytes; ``None`` for an array not fully held by this process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+
+
+def dtype_name(x: Any) -> str:
+    return np.dtype(x.dtype).name
+
+
+def describe_leaves(tree: Any, *, checksums: bool) -> tuple[LeafInfo, ...]:
+    """Shape, dtype (and checksum) of every array in ``tree``, sorted by path."""
+    infos = [
+        LeafInfo(
+            path,
+            tuple(int(d) for d in np.shape(x)),
+            dtype_name(x),
+            checksum(x) if checksums else None,
+        )
+        for path, x in flatten(tree)
+    ]
+    return tuple(sorted(infos, key=lambda i: i.path))
+
+
+def build_metadata(
+    adapters: Sequence[tuple[AdapterSpec, Mapping[str, Any]]],
+    fingerprint: Mapping[str, Any],
+    *,
+    framework: str,
+    checksums: bool = True,
+) -> CheckpointMetadata:
+    """Metadata for ``[(spec, {host path: params tree}), ...]`` and ``{host path: base params}``."""
+    from jadapters import __version__
+
+    entries = []
+    for spec, hosts in adapters:
+        entries.append(
+            AdapterEntry(
+                name=spec.name,
+                group=spec.group,
+                config=config_to_dict(spec.cfg),
+                cfg=spec.cfg,
+                insertion=spec.insertion,
+                enabled=bool(spec.enabled),
+                hosts=tuple(
+                    HostEntry(path, describe_leaves(params, checksums=checksums))
+                    for path, params in hosts.items()
+                ),
+            )
+        )
+    prints = {path: describe_leaves(tree, checksums=False) for path, tree in fingerprint.items()}
+    return CheckpointMetadata(tuple(entries), prints, framework, __version__)
+
+
+# ---- JSON ------------------------------------------------------------------------------------
+
+
+def _leaf_json(info: LeafInfo, *, with_checksum: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": list(info.path), "shape": list(info.shape), "dtype": info.dtype}
+    if with_checksum and info.sha256 is not None:
+        out["sha256"] = info.sha256
+    return out
+
+
+def fingerprint_json(fingerprint: Mapping[str, Sequence[LeafInfo]]) -> dict[str, Any]:
+    return {
+        host: [_leaf_json(i, with_checksum=False) for i in leaves]
+        for host, leaves in sorted(fingerprint.items())
+    }
+
+
+def fingerprint_digest(fingerprint: Mapping[str, Sequence[LeafInfo]]) -> str:
+    """SHA-256 of the canonical JSON of a base fingerprint: equal bases, equal digests."""
+    text = json.dumps(fingerprint_json(fingerprint), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
+    """The JSON object written to ``metadata.json``."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": meta.format_version,
+        "library_version": meta.library_version,
+        "framework": meta.framework,
+        "adapters": [
+            {
+                "name": e.name,
+                "group": e.group,
+                "type": e.type,
+                "config": e.config,
+                "insertion": e.insertion,
+                "enabled": e.enabled,
+                "hosts": [
+                    {"path": h.path, "params": [_leaf_json(i) for i in h.params]} for h in e.hosts
+                ],
+            }
+            for e in meta.adapters
+        ],
+        "base_fingerprint": fingerprint_json(meta.fingerprint),
+        "base_fingerprint_sha256": fingerprint_digest(meta.fingerprint),
+    }
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _need(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(data, dict) or key not in data:
+        raise _Malformed(f"{where} has no {key!r}")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _Malformed(f"{where}[{key!r}] must be {kind}, got {value!r}")
+    return value
+
+
+def _leaf_from_json(data: Any, where: str) -> LeafInfo:
+    path = _need(data, "path", list, where)
+    shape = _need(data, "shape", list, where)
+    dtype = _need(data, "dtype", str, where)
+    if not all(isinstance(p, str) for p in path) or not path:
+        raise _Malformed(f"{where}['path'] must be a non-empty list of strings, got {path!r}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise _Malformed(f"{where}['shape'] must be non-negative ints, got {shape!r}")
+    try:
+        np.dtype(dtype)
+    except TypeError as err:
+        raise _Malformed(f"{where}['dtype'] {dtype!r} is not a dtype") from err
+    digest = data.get("sha256")
+    if digest is not None and not isinstance(digest, str):
+        raise _Malformed(f"{where}['sha256'] must be a string, got {digest!r}")
+    return LeafInfo(tuple(path), tuple(shape), dtype, digest)
+
+
+def from_json(data: Any, *, decode_configs: bool = True) -> CheckpointMetadata:
+    """Validates and reads the ``metadata.json`` object.
+
+    Args:
+      data: the parsed JSON.
+      decode_configs: rebuild each config through the adapter registry (an unregistered type
+        is an error); without it only the raw config dicts are read.
+
+    Raises:
+      ValueError: for a malformed object, an unsupported format version, or (when decoding) an
+        unknown adapter type.
+    """
+    try:
+        if _need(data, "format", str, "metadata") != FORMAT_NAME:
+            raise _Malformed(f"metadata['format'] must be {FORMAT_NAME!r}, got {data['format']!r}")
+        version = _need(data, "format_version", int, "metadata")
+        if version > FORMAT_VERSION or version < 1:
+            raise ValueError(
+                f"checkpoint format version {version} is not supported; this jadapters reads "
+                f"versions 1 to {FORMAT_VERSION}. Upgrade jadapters to read it."
+            )
+        entries = []
+        for i, item in enumerate(_need(data, "adapters", list, "metadata")):
+            where = f"metadata['adapters'][{i}]"
+            name = _need(item, "name", str, where)
+            check_name(name)
+            group = _need(item, "group", str, where)
+            config = _need(item, "config", dict, where)
+            insertion = _need(item, "insertion", str, where)
+            if insertion not in INSERTIONS:
+                raise _Malformed(f"{where}['insertion'] must be one of {INSERTIONS}")
+            hosts = []
+            for j, host in enumerate(_need(item, "hosts", list, where)):
+                hwhere = f"{where}['hosts'][{j}]"
+                leaves = _need(host, "params", list, hwhere)
+                hosts.append(
+                    HostEntry(
+                        _need(host, "path", str, hwhere),
+                        tuple(_leaf_from_json(x, f"{hwhere}['params']") for x in leaves),
+                    )
+                )
+            if not hosts:
+                raise _Malformed(f"{where}['hosts'] is empty")
+            cfg = config_from_dict(config) if decode_configs else None
+            entries.append(
+                AdapterEntry(
+                    name,
+                    group,
+                    config,
+                    cfg,
+                    insertion,
+                    bool(_need(item, "enabled", bool, where)),
+                    tuple(hosts),
+                )
+            )
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise _Malformed(f"metadata lists an adapter name twice: {names}")
+        prints = {}
+        for host, leaves in _need(data, "base_fingerprint", dict, "metadata").items():
+            if not isinstance(leaves, list):
+                raise _Malformed(f"metadata['base_fingerprint'][{host!r}] must be a list")
+            where = f"metadata['base_fingerprint'][{host!r}]"
+            prints[host] = tuple(_leaf_from_json(x, where) for x in leaves)
+        return CheckpointMetadata(
+            tuple(entries),
+            prints,
+            _need(data, "framework", str, "metadata"),
+            _need(data, "library_version", str, "metadata"),
+            version,
+        )
+    except _Malformed as err:
+        raise ValueError(f"adapter checkpoint metadata is malformed: {err}.") from None
+
+
+def compare_fingerprint(host: str, saved: Sequence[LeafInfo], current: Sequence[LeafInfo]):
+    """Raises ``ValueError`` naming ``host`` unless the base parameters match the fingerprint."""
+    have = {i.path: i for i in current}
+    want = {i.path: i for i in saved}
+    for path, info in want.items():
+        name = "/".join(path)
+        now = have.get(path)
+        if now is None:
+            raise ValueError(
+                f"the base does not match the checkpoint: host {host!r} has no parameter "
+                f"{name!r} (saved shape {info.shape}, dtype {info.dtype}); it has "
+                f"{sorted('/'.join(p) for p in have)}. Load onto the base the adapters were "
+                "trained on."
+            )
+        if now.shape != info.shape or now.dtype != info.dtype:
+            raise ValueError(
+                f"the base does not match the checkpoint at host {host!r}: parameter {name!r} "
+                f"has shape {now.shape} and dtype {now.dtype} in this model, but shape "
+                f"{info.shape} and dtype {info.dtype} in the checkpoint's base. Load onto the "
+                "base the adapters were trained on."
+            )
+    extra = sorted("/".join(p) for p in set(have) - set(want))
+    if extra:
+        raise ValueError(
+            f"the base does not match the checkpoint: host {host!r} has parameters {extra} "
+            "that the checkpoint's base did not have. Load onto the base the adapters were "
+            "trained on."
+        )
