@@ -134,12 +134,15 @@ def _merge_linen(adapted: AdaptedLinen, variables: Mapping, chosen) -> dict:
     adapters = variables.get(ADAPTER_COLLECTION, {})
     hosts: dict[tuple[str, ...], list] = {}
 
-    def visit(tree, path):
+    all_names = set(adapted.adapters.names())
+
+    def visit(tree, path):  # the first adapter name from the root owns the subtree
         for key, value in tree.items():
-            for spec, weight in chosen:
-                if key == spec.name and isinstance(value, Mapping):
-                    hosts.setdefault(tuple(path), []).append((spec, value, weight))
-            if isinstance(value, Mapping) and key not in {s.name for s, _ in chosen}:
+            if key in all_names:
+                for spec, weight in chosen:
+                    if key == spec.name:
+                        hosts.setdefault(tuple(path), []).append((spec, value, weight))
+            elif isinstance(value, Mapping):
                 visit(value, path + [key])
 
     visit(adapters, [])

@@ -18,7 +18,7 @@ import jax
 import optax
 from flax import nnx
 
-from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen
+from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen, adapter_of
 
 TRAINABLE = "adapters"
 FROZEN = "frozen"
@@ -26,14 +26,14 @@ FROZEN = "frozen"
 
 def _linen_labels(adapted: AdaptedLinen, variables: dict) -> dict:
     enabled = set(adapted.get_enabled_adapters())
+    names = set(adapted.adapters.names())
 
     def label_collection(name: str, tree: Any) -> Any:
         if name != ADAPTER_COLLECTION:
             return jax.tree.map(lambda _: FROZEN, tree)
 
         def label(path, _):
-            keys = {getattr(k, "key", None) for k in path}
-            return TRAINABLE if keys & enabled else FROZEN
+            return TRAINABLE if adapter_of(path, names) in enabled else FROZEN
 
         return jax.tree_util.tree_map_with_path(label, tree)
 

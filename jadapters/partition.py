@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jadapters.linen.transform import ADAPTER_COLLECTION
+from jadapters.linen.transform import ADAPTER_COLLECTION, adapter_of
 from jadapters.nnx.shell import AdapterParam
 
 
@@ -125,14 +125,22 @@ def summarize(model: Any, variables: Any = None) -> AdapterSummary:
     leaves, base, specs = _adapter_leaves(model, variables)
     base_params, base_bytes = _count(base)
     rows = []
+    names = {spec.name for spec in specs}
+    owned = []
+    for p, x in leaves:
+        parts = p.split("/")
+        if "adapter_layer" in parts:  # NNX: host/adapter_layer/name/params/...
+            at = parts.index("adapter_layer")
+            owner, host = parts[at + 1], "/".join(parts[:at])
+        else:  # Linen: host/name/...
+            owner = adapter_of(parts, names)
+            host = "/".join(parts[: parts.index(owner)]) if owner else ""
+        owned.append((owner, host, p, x))
     for spec in specs:
-        mine = [(p, x) for p, x in leaves if f"/{spec.name}/" in f"/{p}/"]
+        mine = [(p, x) for owner, _, p, x in owned if owner == spec.name]
         hosts = []
-        for p, _ in mine:
-            parts = p.split("/")
-            host = "/".join(parts[: parts.index(spec.name)])
-            host = host.removesuffix("/adapter_layer")
-            if host not in hosts:
+        for owner, host, _, _ in owned:
+            if owner == spec.name and host not in hosts:
                 hosts.append(host)
         params, nbytes = _count([x for _, x in mine])
         rows.append(

@@ -28,7 +28,7 @@ import jax
 import optax
 from flax import nnx
 
-from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen
+from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen, adapter_of
 from jadapters.losses import AUX_LOSS_COLLECTION, AdapterLoss, total_auxiliary_loss
 
 
@@ -42,9 +42,10 @@ def _split_loss(out: Any) -> tuple[jax.Array, dict]:
 def _enabled_only(adapted: AdaptedLinen, adapters: Any) -> tuple[Any, Any]:
     """Splits the adapter tree into (enabled leaves, disabled leaves) by adapter name."""
     enabled = set(adapted.get_enabled_adapters())
+    names = set(adapted.adapters.names())
 
     def is_enabled(path) -> bool:
-        return bool({getattr(k, "key", None) for k in path} & enabled)
+        return adapter_of(path, names) in enabled
 
     trainable = jax.tree_util.tree_map_with_path(
         lambda p, x: x if is_enabled(p) else None, adapters

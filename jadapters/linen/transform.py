@@ -184,11 +184,35 @@ class AdaptedLinen(nn.Module):
         return intercept
 
     def _check_all_matched(self, seen) -> None:
+        names = set(self.adapters.names())
+        for path, module, method in seen:
+            if self._host_specs(path, module, method):
+                clash = names & set(path.split("/"))
+                if clash:
+                    raise ValueError(
+                        f"adapter name {sorted(clash)[0]!r} equals a module name on host path "
+                        f"{path!r}; rename the adapter so its weights cannot be confused with "
+                        "the module's."
+                    )
         paths = [p for p, _, _ in seen if p]
         for group, rules in self.groups:
             for rule in rules:
                 if not any(rule.matches(p, m) and meth in rule.methods for p, m, meth in seen):
                     raise unmatched_error(rule, group, paths)
+
+
+def adapter_of(path: Any, names: Any) -> str | None:
+    """The adapter owning a leaf at ``path`` in the ``"adapters"`` collection, or ``None``.
+
+    The collection is ``{host path...: {adapter name: params}}``; the first key from the root
+    that names an adapter is the owner (``init`` rejects adapter names that equal a module
+    name on a host path, so a host component never passes for an adapter).
+    """
+    for key in path:
+        key = getattr(key, "key", key)
+        if key in names:
+            return key
+    return None
 
 
 def _host_path(module: nn.Module) -> str:
