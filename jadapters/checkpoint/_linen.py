@@ -15,6 +15,7 @@ import flax.core
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
 from jadapters.checkpoint import metadata as md
+from jadapters.checkpoint.fingerprint import compare as compare_fingerprint
 from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen
 
 
@@ -163,7 +164,7 @@ def check(
                     f"{[('/'.join(i.path), i.shape) for i in saved]}."
                 )
             current = md.describe_leaves(tree or {}, checksums=False)
-            md.compare_fingerprint(host, saved, current)
+            compare_fingerprint(host, saved, current)
 
 
 def insert(

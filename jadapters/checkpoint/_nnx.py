@@ -17,6 +17,7 @@ from flax import nnx
 
 from jadapters._adapter_set import AdapterSpec
 from jadapters.checkpoint import metadata as md
+from jadapters.checkpoint.fingerprint import compare as compare_fingerprint
 from jadapters.nnx.mixins import AdapterModelMixin
 from jadapters.targets import path_str
 
@@ -109,37 +110,47 @@ def check(
         if check_base:
             for path in saved:
                 current = md.describe_leaves(host_base(hosts[path]), checksums=False)
-                md.compare_fingerprint(path, fingerprint.get(path, ()), current)
+                compare_fingerprint(path, fingerprint.get(path, ()), current)
+
+
+_HOST_ATTRS = ("_adapters_spec", "adapter_layer")
+_MODEL_ATTR = "_model_adapters_spec"
 
 
 def _snapshot(model: AdapterModelMixin):
+    """The adapter bookkeeping of the model and every host, to restore on failure."""
     hosts = []
     for group in model.adapter_module_names:
         for host in model.adapter_group_modules(group):
-            layer = getattr(host, "adapter_layer", None)
-            hosts.append((host, host._adapter_set(), None if layer is None else dict(layer)))
-    return model._model_adapter_set(), hosts
+            attrs = {a: vars(host)[a] for a in _HOST_ATTRS if a in vars(host)}
+            layer = attrs.get("adapter_layer")
+            hosts.append((host, attrs, None if layer is None else dict(layer)))
+    return vars(model).get(_MODEL_ATTR), hosts
 
 
 def _rollback(model: AdapterModelMixin, snapshot, assigned) -> None:
     model_set, hosts = snapshot
     for var, old in reversed(assigned):
         var.set_value(old)
-    for host, host_set, layer in hosts:
-        host._set_adapter_set(host_set)
-        current = getattr(host, "adapter_layer", None)
-        if current is None:
-            continue
-        if layer is None:
-            del host.adapter_layer
-            continue
-        for key in list(current.keys()):
-            if key not in layer:
+    for host, attrs, layer in hosts:
+        for attr in _HOST_ATTRS:
+            if attr not in attrs and attr in vars(host):
+                delattr(host, attr)
+        if "_adapters_spec" in attrs:
+            host._adapters_spec = attrs["_adapters_spec"]
+        if layer is not None:
+            current = attrs["adapter_layer"]
+            if vars(host).get("adapter_layer") is not current:
+                host.adapter_layer = current
+            for key in list(current.keys()):  # re-insert all: keeps the original order
                 del current[key]
-        for key, value in layer.items():
-            if current.get(key) is not value:
+            for key, value in layer.items():
                 current[key] = value
-    model._model_adapters_spec = model_set
+    if model_set is None:
+        if _MODEL_ATTR in vars(model):
+            delattr(model, _MODEL_ATTR)
+    else:
+        setattr(model, _MODEL_ATTR, model_set)
 
 
 def _remove(model: AdapterModelMixin, spec: AdapterSpec) -> None:

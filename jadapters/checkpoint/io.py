@@ -13,7 +13,7 @@ from typing import Any
 
 from flax import nnx
 
-from jadapters.checkpoint import _linen, _nnx, store
+from jadapters.checkpoint import _linen, _nnx, arrays, store
 from jadapters.checkpoint import metadata as md
 from jadapters.linen.transform import AdaptedLinen
 from jadapters.nnx.mixins import AdapterModelMixin
@@ -96,7 +96,8 @@ def save_adapters(path: str, model: Any, variables: Any = None, *, name: NameLik
     state, host paths and parameter shapes, dtypes and checksums; the library and format
     versions; and a fingerprint of the base at each host (its parameters' names, shapes and
     dtypes), which :func:`load_adapters` checks. Writing is crash-safe: a save killed part-way
-    leaves the previous checkpoint at ``path`` intact.
+    leaves the previous checkpoint at ``path`` intact. One process writes a given ``path`` at a
+    time (in a multi-host job, save from one process, with the adapters fully addressable).
 
     Args:
       path: the checkpoint directory; created if needed, a new version replaces the old.
@@ -171,7 +172,7 @@ def abstract_adapters(path: str, *, name: NameLike = None) -> dict:
     """
     _, meta = store.read_metadata(path, decode_configs=False)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
-    return store.abstract_tree(meta, names)
+    return arrays.abstract_tree(meta, names)
 
 
 def load_adapters(
@@ -220,20 +221,21 @@ def load_adapters(
     where, meta = store.read_metadata(path)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
     entries = [meta.get(n) for n in names]
-    hosts = {h.path for e in entries for h in e.hosts}
+    hosts = list(dict.fromkeys(h.path for e in entries for h in e.hosts))
     fingerprint = {p: meta.fingerprint.get(p, ()) for p in hosts}
     if check_base:
-        unknown = sorted(p for p in hosts if p not in meta.fingerprint)
+        unknown = [p for p in hosts if p not in meta.fingerprint]
         if unknown:
             raise ValueError(
-                f"adapter checkpoint metadata is malformed: no base fingerprint for hosts {unknown}."
+                "adapter checkpoint metadata is malformed: no base fingerprint for hosts "
+                f"{unknown}."
             )
     if kind == "linen":
         _linen.check(model, variables, entries, fingerprint, replace=replace, check_base=check_base)
     else:
         _nnx.check(model, entries, fingerprint, replace=replace, check_base=check_base)
-    arrays = store.read_arrays(where, meta, names, shardings)
+    loaded = arrays.read_arrays(where, meta, names, shardings)
     if kind == "linen":
-        return _linen.insert(model, variables, entries, arrays)
-    _nnx.insert(model, entries, arrays, rngs=rngs if rngs is not None else nnx.Rngs(0, dropout=0))
+        return _linen.insert(model, variables, entries, loaded)
+    _nnx.insert(model, entries, loaded, rngs=rngs if rngs is not None else nnx.Rngs(0, dropout=0))
     return model

@@ -3,6 +3,10 @@
 Each step holds the adapter weights, optionally the optimizer state (which exists for adapter
 leaves only) and optionally JSON metadata (:func:`jadapters.adapter_metadata`). The base is
 not part of it: it does not change while adapters train, so save it once, on its own.
+
+For an exact NNX resume of adapters that use dropout or stochastic depth, save their PRNG
+stream state too, e.g. ``adapters={"params": ..., "rngs": nnx.state(model, nnx.RngState)
+.to_pure_dict()}``.
 """
 
 from __future__ import annotations

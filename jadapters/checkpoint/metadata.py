@@ -44,6 +44,15 @@ class LeafInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class FileInfo:
+    """One file of the stored arrays: path relative to the version directory, size, SHA-256."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
 class HostEntry:
     """The weights one adapter holds at one host path."""
 
@@ -84,6 +93,7 @@ class CheckpointMetadata:
     framework: str
     library_version: str
     format_version: int = FORMAT_VERSION
+    files: tuple[FileInfo, ...] = ()
 
     def get(self, name: str) -> AdapterEntry | None:
         for entry in self.adapters:
@@ -207,6 +217,7 @@ def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
         ],
         "base_fingerprint": fingerprint_json(meta.fingerprint),
         "base_fingerprint_sha256": fingerprint_digest(meta.fingerprint),
+        "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in meta.files],
     }
 
 
@@ -305,42 +316,25 @@ def from_json(data: Any, *, decode_configs: bool = True) -> CheckpointMetadata:
                 raise _Malformed(f"metadata['base_fingerprint'][{host!r}] must be a list")
             where = f"metadata['base_fingerprint'][{host!r}]"
             prints[host] = tuple(_leaf_from_json(x, where) for x in leaves)
+        files = []
+        if not isinstance(data.get("files", []), list):
+            raise _Malformed("metadata['files'] must be a list")
+        for i, item in enumerate(data.get("files", [])):
+            where = f"metadata['files'][{i}]"
+            files.append(
+                FileInfo(
+                    _need(item, "path", str, where),
+                    _need(item, "bytes", int, where),
+                    _need(item, "sha256", str, where),
+                )
+            )
         return CheckpointMetadata(
             tuple(entries),
             prints,
             _need(data, "framework", str, "metadata"),
             _need(data, "library_version", str, "metadata"),
             version,
+            tuple(files),
         )
     except _Malformed as err:
         raise ValueError(f"adapter checkpoint metadata is malformed: {err}.") from None
-
-
-def compare_fingerprint(host: str, saved: Sequence[LeafInfo], current: Sequence[LeafInfo]):
-    """Raises ``ValueError`` naming ``host`` unless the base parameters match the fingerprint."""
-    have = {i.path: i for i in current}
-    want = {i.path: i for i in saved}
-    for path, info in want.items():
-        name = "/".join(path)
-        now = have.get(path)
-        if now is None:
-            raise ValueError(
-                f"the base does not match the checkpoint: host {host!r} has no parameter "
-                f"{name!r} (saved shape {info.shape}, dtype {info.dtype}); it has "
-                f"{sorted('/'.join(p) for p in have)}. Load onto the base the adapters were "
-                "trained on."
-            )
-        if now.shape != info.shape or now.dtype != info.dtype:
-            raise ValueError(
-                f"the base does not match the checkpoint at host {host!r}: parameter {name!r} "
-                f"has shape {now.shape} and dtype {now.dtype} in this model, but shape "
-                f"{info.shape} and dtype {info.dtype} in the checkpoint's base. Load onto the "
-                "base the adapters were trained on."
-            )
-    extra = sorted("/".join(p) for p in set(have) - set(want))
-    if extra:
-        raise ValueError(
-            f"the base does not match the checkpoint: host {host!r} has parameters {extra} "
-            "that the checkpoint's base did not have. Load onto the base the adapters were "
-            "trained on."
-        )

@@ -5,7 +5,8 @@ A checkpoint ``path`` is a directory::
     path/
       CHECKPOINT           pointer: {"format": ..., "version": "v000002"}
       v000002/             one immutable version
-        metadata.json      jadapters metadata (plain JSON)
+        metadata.json      jadapters metadata (plain JSON), listing every file under
+                           arrays/ with its size and SHA-256
         arrays/            the arrays, written by orbax (tensorstore OCDBT; no pickle)
 
 A save writes a new version into a temporary directory, flushes it to disk, renames it into
@@ -17,6 +18,8 @@ leaves the previous checkpoint readable; a later save clears the debris. One wri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -125,6 +128,7 @@ def write(path: str, meta: md.CheckpointMetadata, arrays: Mapping[str, Mapping[s
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, ARRAYS_DIR), tree)
             checkpointer.wait_until_finished()
+        meta = dataclasses.replace(meta, files=_manifest(tmp))
         with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(md.to_json(meta), f, indent=1, sort_keys=True)
         _fsync_tree(tmp)
@@ -146,6 +150,25 @@ def write(path: str, meta: md.CheckpointMetadata, arrays: Mapping[str, Mapping[s
     _write_json_atomic(os.path.join(path, POINTER), {"format": md.FORMAT_NAME, "version": version})
     _remove_debris(path, keep=version)
     return os.path.join(path, version)
+
+
+def file_digest(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(where: str) -> tuple[md.FileInfo, ...]:
+    """Size and SHA-256 of every file orbax wrote, relative to the version directory."""
+    files = []
+    for dirpath, _, names in os.walk(os.path.join(where, ARRAYS_DIR)):
+        for name in names:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, where).replace(os.sep, "/")
+            files.append(md.FileInfo(rel, os.path.getsize(full), file_digest(full)))
+    return tuple(sorted(files, key=lambda f: f.path))
 
 
 def _as_array(x: Any) -> Any:
@@ -203,139 +226,6 @@ def read_metadata(path: str, *, decode_configs: bool = True) -> tuple[str, md.Ch
             f"the adapter checkpoint metadata {file!r} is corrupted (not valid JSON): {err}"
         ) from None
     return where, md.from_json(data, decode_configs=decode_configs)
-
-
-def read_arrays(
-    where: str, meta: md.CheckpointMetadata, names: list[str], shardings: Any
-) -> dict[str, dict[str, Any]]:
-    """Restores adapters ``names`` onto ``shardings`` and verifies them against the metadata.
-
-    Returns ``{name: {host path: params}}`` fully in memory.
-
-    Raises:
-      ValueError: for missing, truncated or corrupted arrays, or arrays that differ from the
-        metadata in shape, dtype or checksum.
-    """
-    entries = [meta.get(n) for n in names]
-    abstract = {
-        e.name: {f"h{i}": _abstract_params(h.params) for i, h in enumerate(e.hosts)}
-        for e in entries
-    }
-    sharded = place(
-        {
-            e.name: {h.path: abstract[e.name][f"h{i}"] for i, h in enumerate(e.hosts)}
-            for e in entries
-        },
-        shardings,
-    )
-    target = {
-        e.name: {f"h{i}": sharded[e.name][h.path] for i, h in enumerate(e.hosts)} for e in entries
-    }
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
-        target,
-    )
-    arrays_dir = os.path.join(where, ARRAYS_DIR)
-    try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            restored = checkpointer.restore(
-                arrays_dir,
-                args=ocp.args.PyTreeRestore(
-                    item=target, restore_args=restore_args, partial_restore=True
-                ),
-            )
-        jax.block_until_ready(restored)
-    except Exception as err:  # orbax and tensorstore raise many types for damaged files
-        raise ValueError(
-            f"the adapter checkpoint arrays in {arrays_dir!r} are missing, truncated or "
-            f"corrupted: {type(err).__name__}: {str(err)[:500]}"
-        ) from None
-    out: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        out[e.name] = {}
-        for i, h in enumerate(e.hosts):
-            params = restored.get(e.name, {}).get(f"h{i}") if isinstance(restored, dict) else None
-            _verify(e.name, h, params)
-            out[e.name][h.path] = params
-    return out
-
-
-def _abstract_params(leaves: tuple[md.LeafInfo, ...]) -> dict:
-    tree: dict = {}
-    for info in leaves:
-        node = tree
-        for key in info.path[:-1]:
-            node = node.setdefault(key, {})
-        node[info.path[-1]] = jax.ShapeDtypeStruct(info.shape, np.dtype(info.dtype))
-    return tree
-
-
-def abstract_tree(meta: md.CheckpointMetadata, names: list[str]) -> dict:
-    """``{name: {host path: params}}`` of ``jax.ShapeDtypeStruct`` for adapters ``names``."""
-    return {
-        e.name: {h.path: _abstract_params(h.params) for h in e.hosts}
-        for e in (meta.get(n) for n in names)
-    }
-
-
-def place(abstract: Any, shardings: Any) -> Any:
-    """Gives every ``ShapeDtypeStruct`` in ``abstract`` its sharding.
-
-    ``shardings`` is ``None`` (the default device), one ``jax.sharding.Sharding`` for all, or
-    a pytree of them matching ``abstract`` or a prefix of it (e.g. ``{name: sharding}``).
-    """
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def is_sharding(x):
-        return isinstance(x, jax.sharding.Sharding)
-
-    def assign(sharding, subtree):
-        if not is_sharding(sharding):
-            raise ValueError(
-                "shardings must hold jax.sharding.Sharding leaves, got "
-                f"{type(sharding).__name__}: {sharding!r}."
-            )
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), subtree
-        )
-
-    try:
-        return jax.tree.map(assign, shardings, abstract, is_leaf=is_sharding)
-    except ValueError as err:
-        if "shardings must" in str(err):
-            raise
-        raise ValueError(
-            "shardings must be one jax.sharding.Sharding or a pytree matching the adapter tree "
-            "{name: {host path: params}} (see jadapters.abstract_adapters) or a prefix of it; "
-            f"the structures differ: {err}"
-        ) from None
-
-
-def _verify(name: str, host: md.HostEntry, params: Any) -> None:
-    if params is None:
-        raise ValueError(
-            f"the adapter checkpoint is corrupted: adapter {name!r} has no arrays for host "
-            f"{host.path!r}."
-        )
-    got = {path: x for path, x in md.flatten(params)}
-    for info in host.params:
-        x = got.get(info.path)
-        where = f"adapter {name!r} at host {host.path!r}, parameter {'/'.join(info.path)!r}"
-        if x is None:
-            raise ValueError(f"the adapter checkpoint is corrupted: {where} is missing.")
-        if tuple(x.shape) != info.shape or md.dtype_name(x) != info.dtype:
-            raise ValueError(
-                f"the adapter checkpoint is corrupted: {where} has shape {tuple(x.shape)} and "
-                f"dtype {md.dtype_name(x)}, but the metadata says {info.shape} {info.dtype}."
-            )
-        if info.sha256 is not None:
-            digest = md.checksum(x)
-            if digest is not None and digest != info.sha256:
-                raise ValueError(
-                    f"the adapter checkpoint is corrupted: {where} fails its checksum "
-                    "(the data changed after it was written)."
-                )
 
 
 def disk_bytes(where: str) -> int:
