@@ -24,6 +24,11 @@ import numpy as np
 NUM_CLASSES = 10
 SHIFTS = ("rotate", "invert", "rotate+invert")
 DEFAULT_SHIFT = "rotate+invert"
+SHIFT_DESCRIPTIONS = {
+    "rotate": "rotated by 90 degrees (tokens become image columns)",
+    "invert": "inverted (1 - x: dark ink on a bright background)",
+    "rotate+invert": "rotated by 90 degrees (tokens become image columns) and inverted (1 - x)",
+}
 SOURCE_DESCRIPTION = (
     "scikit-learn's bundled 8x8 handwritten digits (sklearn.datasets.load_digits: 1,797 "
     "images, classes 0-9; ships with the package, nothing is downloaded)"
