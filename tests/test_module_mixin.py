@@ -588,3 +588,25 @@ def test_model_unfreeze_filter_covers_enabled_adapters_across_modules(net):
     )
     assert len(expected) == 8
     assert selected == expected
+
+
+def test_remove_adapter_drops_weights_and_name():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jadapters
+    from jadapters.demo.models import NNXTransformer
+
+    net = NNXTransformer(8, num_classes=3, d_model=16, num_heads=2, num_layers=1, rngs=nnx.Rngs(0))
+    net = jadapters.adapter_transform(net, {"m": r"blocks/\d+/mlp"})
+    net.add_adapter("m:a", jadapters.LinearAdapterConfig(dim=2), rngs=nnx.Rngs(1))
+    net.add_adapter("m:b", jadapters.LinearAdapterConfig(dim=2), rngs=nnx.Rngs(1))
+    net.remove_adapter("m:a")
+    assert net.get_enabled_adapters() == ["b"]
+    layer = nnx.state(net, jadapters.AdapterParam).to_pure_dict()["blocks"][0]["mlp"]
+    assert list(layer["adapter_layer"]) == ["b"]
+    with pytest.raises(ValueError, match="unknown adapter name 'a'"):
+        net.remove_adapter("a")
+    with pytest.raises(ValueError, match="unknown adapter module 'x'"):
+        net.remove_adapter("x:b")
+    assert net(jnp.ones((1, 8, 8))).shape == (1, 3)

@@ -181,6 +181,16 @@ class AdapterModuleMixin:
         self.adapter_layer[bare] = shell
         self._set_adapter_set(new_set)
 
+    def remove_adapter(self, name: str) -> None:
+        """Removes adapter ``name`` and its weights.
+
+        Raises:
+          ValueError: if no adapter exists or ``name`` is unknown.
+        """
+        spec = self._adapter_set()._require(_bare(name))
+        self._set_adapter_set(self._adapter_set().remove(spec.name))
+        del self.adapter_layer[spec.name]
+
     def is_adapter_available(self) -> bool:
         """True when any adapter exists, enabled or not (NeMo's module semantics)."""
         return len(self._adapter_set()) > 0
@@ -328,6 +338,15 @@ class AdapterModelMixin:
                 bare, cfg, rngs=rngs, insertion=insertion, in_features=in_features, dtype=dtype
             )
         self._model_adapters_spec = new_set
+
+    def remove_adapter(self, name: str) -> None:
+        """Removes adapter ``name`` (or ``"module:name"``) and its weights from every host."""
+        if ":" in name:
+            split_qualified_name(name, self.adapter_module_names)
+        spec = self._model_adapter_set()._require(name)
+        for host in self.adapter_group_modules(spec.group):
+            host.remove_adapter(spec.name)
+        self._model_adapters_spec = self._model_adapter_set().remove(name)
 
     def is_adapter_available(self) -> bool:
         """True when any adapter exists in any module, enabled or not."""
