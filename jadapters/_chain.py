@@ -89,13 +89,25 @@ def apply_weight_adapter(
     effect on input ``x`` to the host's output ``y``.
 
     Dense-like hosts run the low-rank path ``(x @ A) @ B``; Einsum hosts run their equation on
-    the materialized kernel update (dropout on the input does not apply there).
+    the materialized kernel update, with the same dropout on the input.
     """
     if layout.einsum_str is not None:
+        dropout = getattr(module, "dropout", 0.0)
+        dkey = skey = None
+        if training and key is not None:
+            dkey, skey = jax.random.split(key)
+        if training and dropout > 0.0:
+            if dkey is None:
+                raise ValueError(
+                    f"{type(module).__name__} has dropout={dropout} and needs a PRNG key in "
+                    "training, got key=None. Pass a 'dropout' PRNG stream."
+                )
+            keep = jax.random.bernoulli(dkey, 1.0 - dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - dropout), jnp.zeros_like(x)).astype(x.dtype)
         update = layout.to_kernel(module.flat_update(variables["params"]))
         out = jnp.einsum(layout.einsum_str, x, update.astype(x.dtype))
         strategy = module.adapter_strategy
-        skey = key if requires_key(strategy, training) else None
+        skey = skey if requires_key(strategy, training) else None
         return as_strategy_output(strategy(y, out, key=skey, training=training))
     flat, batch = layout.flatten_input(x)
     return apply_adapter(

@@ -40,10 +40,10 @@ def check_strategy(value: Any, *, argument: str = "adapter_strategy") -> None:
 
 
 def check_dtype(name: str, value: Any) -> None:
-    import numpy as np
+    import jax.numpy as jnp
 
     try:
-        ok = isinstance(value, str) and np.dtype(_dtype_of(value)).kind == "f"
+        ok = isinstance(value, str) and bool(jnp.issubdtype(_dtype_of(value), jnp.floating))
     except TypeError:
         ok = False
     if not ok:

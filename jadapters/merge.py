@@ -1,7 +1,8 @@
 """Folding linear adapters into the base kernels for inference at the base model's cost.
 
 ``merge_adapters`` returns *new* base parameters: JAX arrays are immutable, so the original
-base stays as it was, for unmerging (just use it again) or for switching to another adapter.
+base stays as it was, for unmerging (use it again; with NNX, copy it out of the model before
+updating the model) or for switching to another adapter.
 LoRA folds as ``W + w * scale * A @ B`` and IA3 as ``W * (1 + w * (l - 1))`` (bias too), where
 ``w`` is the adapter's merge weight (1 by default), so weighted combinations of several LoRAs
 merge too. Adapters that are not linear in the host's kernel (bottlenecks with a
@@ -114,12 +115,23 @@ def _select(specs, names, weights) -> list[tuple[AdapterSpec, float]]:
 
 
 def _leading_layout(kernel_shape: tuple[int, ...], in_features: int, path: str) -> KernelLayout:
+    """The layout of Dense/DenseGeneral hosts (input axes first), when shapes make it certain."""
+    fix = "pass inputs=(example inputs,) to merge_adapters so the host itself is read"
     for n in range(1, len(kernel_shape)):
         if math.prod(kernel_shape[:n]) == in_features:
+            # An Einsum may contract a middle kernel axis of the same size instead (such as
+            # "btd,hdk->bthk" with h == d); the last axis is taken to be an output axis, as
+            # in DenseGeneral(axis=(-2, -1)) attention output projections.
+            others = [d for d in range(n, len(kernel_shape) - 1) if kernel_shape[d] == in_features]
+            if others:
+                raise ValueError(
+                    f"cannot tell which axes of the kernel {kernel_shape} at {path!r} meet the "
+                    f"input (axis {others[0]} fits the LoRA input width {in_features} too); {fix}."
+                )
             return KernelLayout(tuple(kernel_shape), tuple(range(n)), tuple(range(-n, 0)))
     raise ValueError(
         f"cannot tell which axes of the kernel {kernel_shape} at {path!r} meet the input "
-        f"(LoRA input width {in_features}); merge it on the NNX model or keep it unmerged."
+        f"(LoRA input width {in_features}); {fix}."
     )
 
 
@@ -129,7 +141,7 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
     return tree
 
 
-def _merge_linen(adapted: AdaptedLinen, variables: Mapping, chosen) -> dict:
+def _merge_linen(adapted: AdaptedLinen, variables: Mapping, chosen, layouts=None) -> dict:
     params = jax.tree.map(lambda x: x, dict(variables["params"]))
     adapters = variables.get(ADAPTER_COLLECTION, {})
     hosts: dict[tuple[str, ...], list] = {}
@@ -150,7 +162,9 @@ def _merge_linen(adapted: AdaptedLinen, variables: Mapping, chosen) -> dict:
         host = _get(params, path)
         kernel = host["kernel"]
         lora = [p for s, p, _ in entries if s.insertion == "weight"]
-        if lora:
+        if layouts is not None and "/".join(path) in layouts:
+            layout = layouts["/".join(path)]
+        elif lora:
             layout = _leading_layout(tuple(kernel.shape), lora[0]["a"].shape[0], "/".join(path))
         else:
             layout = KernelLayout(tuple(kernel.shape), (0,), (-1,))
@@ -202,6 +216,7 @@ def merge_adapters(
     *,
     names: str | Sequence[str] | None = None,
     weights: Mapping[str, float] | None = None,
+    inputs: Sequence[Any] | None = None,
 ) -> Any:
     """Folds LoRA and IA3 adapters into the base kernels and returns the new base parameters.
 
@@ -211,13 +226,21 @@ def merge_adapters(
       names: adapters to merge; ``None`` merges every enabled adapter.
       weights: merge weight per adapter name (default 1.0), e.g. ``{"a": 0.5, "b": 0.5}``
         for an average of two LoRAs.
+      inputs: Linen only: example positional inputs. The host modules are then read in an
+        abstract run, which is exact for every host kind. Without them, a LoRA host's input
+        axes are taken to lead its kernel (true of ``Dense`` and ``DenseGeneral``); a kernel
+        whose shape leaves that in doubt is refused. An ``Einsum`` host with a 2-D kernel that
+        contracts its second axis needs ``inputs``.
 
     Returns:
       Linen: the merged ``params`` dict; run the *unwrapped* model on it
       (``model.apply({"params": merged}, x)``) for exactly the base model's computation.
-      NNX: the merged ``nnx.State`` of the base parameters; ``nnx.update(model, merged)``
-      and ``model.set_enabled_adapters(enabled=False)`` give the merged model, and updating
-      with the original ``nnx.state(model, nnx.Param)`` unmerges.
+      NNX: the merged ``nnx.State`` of the base parameters (the model is not changed);
+      ``nnx.update(model, merged)`` and ``model.set_enabled_adapters(enabled=False)`` give
+      the merged model. To unmerge, keep a copy of the base *before* updating,
+      ``original = nnx.state(model, nnx.Param).to_pure_dict()``, and ``nnx.update(model,
+      original)`` later: ``nnx.state`` holds the model's own variables, which
+      ``nnx.update`` overwrites in place.
 
     Raises:
       ValueError: naming any adapter that cannot be folded, or an unknown name.
@@ -237,7 +260,8 @@ def merge_adapters(
         if variables is None:
             raise ValueError("variables must be given to merge a Linen model; got None.")
         chosen = _select(list(model.adapters), names, weights)
-        return _merge_linen(model, variables, chosen)
+        layouts = None if inputs is None else model.kernel_layouts(variables, *inputs)
+        return _merge_linen(model, variables, chosen, layouts)
     if isinstance(model, nnx.Module) and hasattr(model, "get_adapter_specs"):
         chosen = _select(list(model.get_adapter_specs()), names, weights)
         return _merge_nnx(model, chosen)

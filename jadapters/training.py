@@ -170,4 +170,6 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, donate: bool = True) -> Calla
         optimizer.update(model, grads)
         return {**metrics, "loss": loss}
 
-    return nnx.jit(step, donate_argnums=(0, 1) if donate else ())
+    # Only the optimizer's state is donated: the model's arrays include the frozen base,
+    # which other references (an unmerge snapshot, a clone) may still hold.
+    return nnx.jit(step, donate_argnums=(1,) if donate else ())

@@ -65,7 +65,8 @@ class LoRA(nn.Module):
     Attributes:
       rank: the rank ``r`` of the update.
       alpha: scale numerator; ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
-        ``rslora``); ``None`` means ``alpha = rank`` (scale 1).
+        ``rslora``); ``None`` means ``alpha = rank`` (scale 1, or ``sqrt(rank)`` with
+        ``rslora``).
       rslora: use rank-stabilized scaling.
       dropout: dropout rate on the LoRA branch's input (PRNG stream ``'dropout'``).
       a_init: ``'he_uniform'`` (Kaiming-uniform, as PEFT) or ``'gaussian'`` (``1/r`` std).

@@ -148,6 +148,27 @@ class AdaptedLinen(nn.Module):
             jax.eval_shape(lambda v: self.model.apply(v, *args, **kwargs), variables)
         return self._hosts_by_group(seen)
 
+    def kernel_layouts(self, variables: Any, *args, **kwargs) -> dict[str, Any]:
+        """``{host path: KernelLayout}`` of every host with a weight adapter, read from the real
+        host modules during one abstract run (``jax.eval_shape``) on example inputs."""
+        layouts: dict[str, Any] = {}
+
+        def record(next_fun, call_args, call_kwargs, context):
+            out = next_fun(*call_args, **call_kwargs)
+            module = context.module
+            if module.scope is not None and module is not self:
+                path = _host_path(module)
+                specs = self._host_specs(path, module, context.method_name)
+                if any(s.insertion == "weight" for s in specs):
+                    kernel = module.scope.get_variable("params", "kernel")
+                    shape = None if kernel is None else tuple(kernel.shape)
+                    layouts[path] = kernel_layout(module, shape)
+            return out
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda v: self.model.apply(v, *args, **kwargs), variables)
+        return layouts
+
     def _hosts_by_group(self, seen) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for group, rules in self.groups:
@@ -259,7 +280,7 @@ def _run_one(module, path, spec, x, stream, adapter_train):
     key = module.make_rng("dropout") if adapter_train and module.has_rng("dropout") else None
     if spec.insertion == "weight":
         kernel = module.scope.get_variable("params", "kernel")
-        layout = kernel_layout(module, tuple(kernel.shape))
+        layout = kernel_layout(module, None if kernel is None else tuple(kernel.shape))
         sample = jnp.zeros((1, layout.in_features), x.dtype)
         params = _adapter_params(
             module, path, spec, adapter, sample, out_features=layout.out_features
