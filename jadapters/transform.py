@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 from flax import nnx
 
-from jadapters.linen.transform import AdaptedLinen
+from jadapters.linen.transform import AdaptedLinen, _Boxed
 from jadapters.nnx.transform import transform_nnx
 from jadapters.targets import TargetsLike, normalize_targets
 
@@ -64,7 +64,7 @@ def adapter_transform(
     if isinstance(model, AdaptedLinen):
         raise ValueError("model is already adapted; add adapters to it with add_adapter.")
     if isinstance(model, nn.Module):
-        return AdaptedLinen(model=model, groups=groups, accepted_types=accepted)
+        return AdaptedLinen(boxed=_Boxed(model), groups=groups, accepted_types=accepted)
     if isinstance(model, nnx.Module):
         return transform_nnx(model, groups, accepted_types=accepted)
     raise ValueError(

@@ -9,6 +9,7 @@ a changed adapter set is a changed static structure, hence a new trace.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +40,13 @@ def _zero():
     return jnp.zeros((), jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Boxed:
+    """Holds a Linen module in a field that Flax does not auto-bind as a child."""
+
+    module: nn.Module
+
+
 class AdaptedLinen(nn.Module):
     """A Linen model with adapters at its target modules. Build it with
     :func:`jadapters.adapter_transform`.
@@ -49,19 +57,23 @@ class AdaptedLinen(nn.Module):
     evaluation mode while its adapters train.
 
     Attributes:
-      model: the wrapped, unmodified Linen module.
+      boxed: the wrapped, unmodified Linen module (``.model``), boxed so that Flax does not
+        bind it as a named child: its variables and PRNG streams stay exactly the unwrapped
+        model's.
       groups: ``((group, (Target, ...)), ...)``, the default group ``''`` first.
       adapters: the adapters, in chain order.
       accepted_types: adapter types allowed; empty means any registered type.
     """
 
-    model: nn.Module
+    boxed: _Boxed
     groups: tuple[tuple[str, tuple[Target, ...]], ...]
     adapters: AdapterSet = AdapterSet()
     accepted_types: tuple[type, ...] = ()
 
-    def setup(self):
-        nn.share_scope(self, self.model)
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped, unmodified Linen module."""
+        return self.boxed.module
 
     # ---- NeMo's adapter API (functional: each returns a new module) -------------------------
 
@@ -125,7 +137,10 @@ class AdaptedLinen(nn.Module):
         ``adapted.apply(variables, "encode", x, method="call")``."""
         seen: list[tuple[str, Any, str]] = []
         with nn.intercept_methods(self._interceptor(adapter_train, seen)):
-            out = getattr(self.model, method)(*args, **kwargs)
+            # Bound to this module's own scope, the model creates its variables, and derives
+            # its PRNG streams, exactly as it does unwrapped.
+            model = self.model.clone(parent=self.scope, _deep_clone=True)
+            out = getattr(model, method)(*args, **kwargs)
         if self.is_initializing():
             self._check_all_matched(seen)
         return out
@@ -240,14 +255,24 @@ def _host_path(module: nn.Module) -> str:
     """Where ``module``'s variables live: its scope names up from the root.
 
     Walks the scope parents rather than reading ``scope.path``, which keeps the pre-sharing
-    path when the wrapper's ``nn.share_scope`` re-parents scopes.
+    path when scopes are re-parented.
     """
     names = []
     scope = module.scope
     while scope is not None and scope.parent is not None:
         names.append(scope.name)
         scope = scope.parent
-    return path_str(reversed(names))
+    # The root of a lifted transform's inner scope tree (nn.remat, nn.scan) keeps its outer
+    # path.
+    outer = tuple(scope.path) if scope is not None else ()
+    return path_str((*outer, *reversed(names)))
+
+
+def _in_lifted_transform(module: nn.Module) -> bool:
+    scope = module.scope
+    while scope.parent is not None:
+        scope = scope.parent
+    return bool(tuple(scope.path))
 
 
 def _recorder(seen):
@@ -265,6 +290,13 @@ def _adapter_params(module: nn.Module, path: str, spec: AdapterSpec, adapter, sa
     if scope.has_variable(ADAPTER_COLLECTION, spec.name):
         return scope.get_variable(ADAPTER_COLLECTION, spec.name)
     if not scope.is_mutable_collection(ADAPTER_COLLECTION):
+        if _in_lifted_transform(module):
+            raise ValueError(
+                f"adapter {spec.name!r} cannot create weights at host {path!r}: the host runs "
+                "inside a lifted transform (nn.scan, nn.vmap) that does not carry the "
+                "'adapters' collection. Adapters inside nn.scan/nn.vmap layer stacks are not "
+                "supported; target modules outside the stack."
+            )
         raise ValueError(
             f"adapter {spec.name!r} has no weights at host {path!r}: it was added after the "
             "variables were created. Call adapted.init_adapters(rng, variables, *inputs) first."

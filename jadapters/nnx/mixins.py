@@ -72,6 +72,25 @@ def freeze_batchnorm(root: nnx.Module) -> int:
 _freeze_batchnorm = freeze_batchnorm
 
 
+def _check_not_stacked(host: Any) -> None:
+    """Raises for a host whose weights carry a layer-stack axis (``nnx.vmap``/``nnx.scan``)."""
+    for _, node in nnx.iter_graph(host):
+        if isinstance(node, nnx.Linear):
+            stacked = node.kernel[...].ndim > 2
+        elif isinstance(node, nnx.LinearGeneral):
+            stacked = node.kernel[...].ndim > len(node.in_features) + len(node.out_features)
+        elif isinstance(node, nnx.LayerNorm) and node.scale is not None:
+            stacked = node.scale[...].ndim > 1
+        else:
+            continue
+        if stacked:
+            raise ValueError(
+                f"{type(host).__name__} holds layer-stacked weights (built with nnx.vmap, run "
+                "with nnx.scan); adapters on scanned layer stacks are not supported. Target "
+                "modules outside the stack."
+            )
+
+
 def _bare(name: str) -> str:
     """A module-level mixin holds one module's adapters: ``"module:name"`` means ``name``."""
     return name.rpartition(":")[2] if isinstance(name, str) else name
@@ -153,6 +172,13 @@ class AdapterModuleMixin:
           ValueError: for a duplicate, reserved or malformed name, an adapter type not
             accepted, an unknown insertion, or an input width that cannot be inferred.
         """
+        shell, new_set = self._prepare_adapter(
+            name, cfg, rngs=rngs, insertion=insertion, in_features=in_features, dtype=dtype
+        )
+        self._attach_adapter(shell, new_set)
+
+    def _prepare_adapter(self, name, cfg, *, rngs, insertion, in_features, dtype):
+        """Checks everything and builds the adapter, without touching the module."""
         bare = name.rpartition(":")[2] if isinstance(name, str) else name
         cfg = config_of(cfg)
         module_cls = type(build_adapter(cfg))
@@ -161,6 +187,7 @@ class AdapterModuleMixin:
         check_insertion(insertion)
         spec = AdapterSpec(name=bare, group="", cfg=cfg, insertion=insertion)
         new_set = self._adapter_set().add(spec)
+        _check_not_stacked(self)
         out_features = None
         if insertion == "weight":
             layout = kernel_layout(self)
@@ -176,9 +203,12 @@ class AdapterModuleMixin:
                 "pass in_features=... to add_adapter or set it in the config."
             )
         shell = NNXAdapter(cfg, (1, features), rngs=rngs, dtype=dtype, out_features=out_features)
+        return shell, new_set
+
+    def _attach_adapter(self, shell: NNXAdapter, new_set: AdapterSet) -> None:
         if getattr(self, "adapter_layer", None) is None:
             self.adapter_layer = nnx.Dict()
-        self.adapter_layer[bare] = shell
+        self.adapter_layer[new_set.specs[-1].name] = shell
         self._set_adapter_set(new_set)
 
     def remove_adapter(self, name: str) -> None:
@@ -333,10 +363,24 @@ class AdapterModelMixin:
         insertion = insertion or module_cls.default_insertion
         spec = AdapterSpec(name=bare, group=group, cfg=cfg, insertion=insertion)
         new_set = self._model_adapter_set().add(spec)
-        for host in self.adapter_group_modules(group):
-            host.add_adapter(
-                bare, cfg, rngs=rngs, insertion=insertion, in_features=in_features, dtype=dtype
+        # Build every host's adapter first, attach only when all succeeded: a failure leaves
+        # the model as it was.
+        prepared = [
+            (
+                host,
+                host._prepare_adapter(
+                    bare,
+                    cfg,
+                    rngs=rngs,
+                    insertion=insertion,
+                    in_features=in_features,
+                    dtype=dtype,
+                ),
             )
+            for host in self.adapter_group_modules(group)
+        ]
+        for host, (shell, host_set) in prepared:
+            host._attach_adapter(shell, host_set)
         self._model_adapters_spec = new_set
 
     def remove_adapter(self, name: str) -> None:

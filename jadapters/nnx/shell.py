@@ -13,7 +13,7 @@ from jadapters._chain import apply_adapter, apply_weight_adapter
 from jadapters.config import build_adapter, config_of
 from jadapters.kernels import KernelLayout
 from jadapters.losses import AdapterLoss
-from jadapters.strategies import StrategyOutput
+from jadapters.strategies import StrategyOutput, requires_key
 
 
 class AdapterParam(nnx.Variable):
@@ -107,15 +107,19 @@ class NNXAdapter(nnx.Module):
         the host's output.
         """
         training = not self.deterministic
-        key = self.rngs() if training and self.rngs is not None else None
+        module = self.module
+        needs_key = getattr(module, "dropout", 0.0) > 0.0 or requires_key(
+            module.adapter_strategy, training
+        )
+        key = self.rngs() if training and needs_key and self.rngs is not None else None
         variables = {"params": self.param_values()}
         if layout is not None:
             result = apply_weight_adapter(
-                self.module, variables, x, stream, layout, training=training, key=key
+                module, variables, x, stream, layout, training=training, key=key
             )
         else:
             result = apply_adapter(
-                self.module,
+                module,
                 variables,
                 x,
                 stream=stream,

@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 from flax import nnx
+from flax.nnx import graphlib
 
 from jadapters.nnx.mixins import AdapterModelMixin, AdapterModuleMixin
 from jadapters.targets import path_str, unmatched_error
@@ -84,35 +85,51 @@ def model_class(cls: type) -> type:
     return _MODEL_CLASSES[cls]
 
 
+def _every_path(root: nnx.Module) -> list[tuple[tuple[Any, ...], Any]]:
+    """Every ``(path, node)`` of the graph: a shared module appears under each of its paths
+    (``nnx.iter_graph`` names each node once)."""
+    out: list[tuple[tuple[Any, ...], Any]] = []
+
+    def visit(node: Any, path: tuple[Any, ...], ancestors: frozenset[int]) -> None:
+        out.append((path, node))
+        for key, child in nnx.iter_children(node):
+            if isinstance(child, nnx.Variable) or not graphlib.is_graph_node(child):
+                continue
+            if id(child) not in ancestors:
+                visit(child, (*path, key), ancestors | {id(child)})
+
+    visit(root, (), frozenset({id(root)}))
+    return out
+
+
 def transform_nnx(model: nnx.Module, groups, *, accepted_types=()) -> nnx.Module:
     """Adds adapter support to ``model`` in place and returns it (see ``adapter_transform``)."""
     modules = [
-        (path_str(path), node)
-        for path, node in nnx.iter_graph(model)
-        if isinstance(node, nnx.Module)
+        (path_str(path), node) for path, node in _every_path(model) if isinstance(node, nnx.Module)
     ]
-    path_tuples = {path_str(path): tuple(path) for path, _ in nnx.iter_graph(model)}
-    found: dict[str, list[tuple[str, Any]]] = {}
+    canonical = {id(node): tuple(path) for path, node in nnx.iter_graph(model)}
+    found: dict[str, list[Any]] = {}
     methods_of: dict[int, set[str]] = {}
     for group, rules in groups:
-        hosts = []
+        hosts: list[Any] = []
         for rule in rules:
-            matched = [(p, m) for p, m in modules if p and rule.matches(p, m)]
+            matched = [m for p, m in modules if p and rule.matches(p, m)]
             if not matched:
-                raise unmatched_error(rule, group, [p for p, _ in modules if p])
-            for p, m in matched:
+                raise unmatched_error(rule, group, sorted({p for p, _ in modules if p}))
+            for m in matched:
                 methods_of.setdefault(id(m), set()).update(rule.methods)
-                if all(p != q for q, _ in hosts):
-                    hosts.append((p, m))
+                if all(m is not h for h in hosts):
+                    hosts.append(m)
         found[group] = hosts
     for hosts in found.values():
-        for _, m in hosts:
+        for m in hosts:
+            if isinstance(m, AdapterModelMixin) or m is model:
+                raise ValueError("targets match the model itself; target its submodules.")
             m.__class__ = host_class(type(m), tuple(methods_of[id(m)]))
             if accepted_types:
                 m.set_accepted_adapter_types(accepted_types)
     model.__class__ = model_class(type(model))
-    group_paths = []
-    for group, hosts in found.items():
-        group_paths.append((group, tuple(path_tuples[p] for p, _ in hosts)))
-    model._adapter_groups = tuple(group_paths)
+    model._adapter_groups = tuple(
+        (group, tuple(canonical[id(m)] for m in hosts)) for group, hosts in found.items()
+    )
     return model

@@ -1,0 +1,418 @@
+"""Frozen-base training: optax freezing, and adapter-only train steps on real data.
+
+The base is a randomly initialised transformer, taken as is and frozen; adapters after each
+block's MLP learn scikit-learn's bundled 8x8 digits (8 tokens of 8 pixels, 10 classes).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _data import digits
+from flax import nnx
+
+import jadapters
+from jadapters import AdapterParam, LinearAdapterConfig, ResidualAddStrategy
+from jadapters.demo.models import LinenTransformer, NNXConvNet, NNXTransformer
+
+N, STEPS, LR = 512, 50, 2e-2
+# one transformation object for every NNX step: it is static in nnx.Optimizer's graph, so a
+# new optax.adam(...) per test would mean a new compilation of the same step
+NNX_TX = optax.adam(LR)
+MODEL = dict(num_classes=10, d_model=16, num_layers=1, num_heads=2, mlp_dim=32, max_len=8)
+# dropout and stochastic depth need the PRNG keys threaded through; l2 adds an aux loss
+CFG = LinearAdapterConfig(
+    dim=8, dropout=0.1, adapter_strategy=ResidualAddStrategy(stochastic_depth=0.1, l2_lambda=1e-3)
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quick_compiles():
+    """XLA without its optimization passes: compiles about twice as fast, and these tests
+    check the library's logic, not XLA's. Restored when the module ends."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = digits(N)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+def _ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _copy(tree):
+    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def _fresh(model):
+    """A copy of an NNX model with its own buffers (the train step donates them)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a.copy(), state))
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _noise_like(tree, seed=1, scale=0.5):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), tree)
+
+
+def _shapes(tree):
+    return sorted(tuple(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
+# --- optax: freezing the base ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A tiny Linen model with enabled 'a' and disabled 'b' (noisy weights), and the full
+    gradient of a loss with respect to *all* its variables, base included."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5)), jnp.float32)
+    model = nn.Sequential([nn.Dense(6), nn.gelu, nn.Dense(3)])
+    adapted = (
+        jadapters.adapter_transform(model, "layers_0")
+        .add_adapter("a", LinearAdapterConfig(dim=2))
+        .add_adapter("b", LinearAdapterConfig(dim=2))
+        .set_enabled_adapters("b", enabled=False)
+    )
+    variables = jax.jit(adapted.init)(jax.random.key(0), x)  # one compile, not many eager ones
+    variables = {**variables, "adapters": _noise_like(variables["adapters"])}
+    grads = jax.jit(jax.grad(lambda v: jnp.mean(adapted.apply(v, x) ** 2)))(variables)
+    return adapted, variables, grads
+
+
+def _owner(path):
+    keys = [str(k.key) for k in path]
+    return keys[2] if keys[0] == "adapters" else None  # adapters/layers_0/<name>/...
+
+
+def test_trainable_mask_is_true_exactly_on_enabled_adapters(small):
+    adapted, variables, _ = small
+    mask = jadapters.trainable_mask(adapted, variables)
+    assert jax.tree.structure(mask) == jax.tree.structure(variables)
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    assert sum(bool(m) for _, m in flat) == 4  # a: norm scale, bias, down, up
+    for path, trainable in flat:
+        assert trainable == (_owner(path) == "a"), path
+
+
+def test_freeze_base_gives_base_and_disabled_leaves_exactly_zero_updates(small):
+    adapted, variables, grads = small
+    tx = jadapters.freeze_base(optax.adam(1e-2), jadapters.param_labels(adapted, variables))
+    state = tx.init(variables)
+    # optimizer state (adam's mu and nu) exists for the trainable leaves only, plus its count
+    a_leaves = jax.tree.leaves(variables["adapters"]["layers_0"]["a"])
+    assert _shapes(state) == sorted([()] + 2 * [x.shape for x in a_leaves])
+    updates, _ = tx.update(grads, state, variables)
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        if _owner(path) == "a":
+            assert np.abs(np.asarray(update)).max() > 0, path
+        else:
+            np.testing.assert_array_equal(update, np.zeros_like(update))
+    new = optax.apply_updates(variables, updates)
+    _assert_trees_equal(new["params"], variables["params"])
+    _assert_trees_equal(new["adapters"]["layers_0"]["b"], variables["adapters"]["layers_0"]["b"])
+
+
+def test_optax_masked_alone_moves_the_frozen_base(small):
+    """optax.masked passes the raw gradient through outside its mask: the base moves by
+    -grad. freeze_base does not move it."""
+    adapted, variables, grads = small
+    mask = jadapters.trainable_mask(adapted, variables)
+    masked = optax.masked(optax.sgd(0.1), mask)
+    updates, _ = masked.update(grads, masked.init(variables), variables)
+    moved = optax.apply_updates(variables, updates)
+    kernel, grad = variables["params"]["layers_0"]["kernel"], grads["params"]["layers_0"]["kernel"]
+    assert np.abs(np.asarray(grad)).max() > 0
+    np.testing.assert_allclose(moved["params"]["layers_0"]["kernel"], kernel + grad, rtol=1e-6)
+    assert not np.array_equal(moved["params"]["layers_0"]["kernel"], kernel)
+
+    frozen = jadapters.freeze_base(optax.sgd(0.1), jadapters.param_labels(adapted, variables))
+    updates, _ = frozen.update(grads, frozen.init(variables), variables)
+    kept = optax.apply_updates(variables, updates)
+    _assert_trees_equal(kept["params"], variables["params"])
+    a = ("adapters", "layers_0", "a", "up", "kernel")
+    np.testing.assert_allclose(
+        _get(kept, a), _get(variables, a) - 0.1 * _get(grads, a), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_linen_step_trains_only_enabled_adapters(small):
+    adapted, variables, _ = small
+    base, adapters = jadapters.split_variables(variables)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5)), jnp.float32)
+    batch = (x, jnp.asarray([0, 1, 2, 0]))
+    step = jadapters.linen_train_step(adapted, _linen_loss, optax.adam(0.1), donate=False)
+    opt_state = step.init(adapters)
+    assert _shapes(opt_state) == sorted([()] + 2 * _shapes(adapters["layers_0"]["a"]))
+    new, _, _ = step(adapters, opt_state, base, batch, jax.random.key(0))
+    _assert_trees_equal(new["layers_0"]["b"], adapters["layers_0"]["b"])
+    for p, q in zip(
+        jax.tree.leaves(new["layers_0"]["a"]),
+        jax.tree.leaves(adapters["layers_0"]["a"]),
+        strict=True,
+    ):
+        assert not np.array_equal(p, q)  # adam moves every leaf with a non-zero gradient
+
+
+def _get(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+# --- Linen: adapter-only training on the digits ---------------------------------------------
+
+
+def _linen_loss(apply, batch):
+    x, y = batch
+    return _ce(apply(x), y)
+
+
+@pytest.fixture(scope="module")
+def linen(data):
+    """The adapted Linen model, its frozen base, initial adapters and a compiled step."""
+    x, _ = data
+    adapted = jadapters.adapter_transform(LinenTransformer(**MODEL), r"blocks_\d+/mlp")
+    adapted = adapted.add_adapter("task", CFG)
+    base, adapters = jadapters.split_variables(adapted.init(jax.random.key(0), x[:2]))
+    step = jadapters.linen_train_step(adapted, _linen_loss, optax.adam(LR))
+    return adapted, base, adapters, step
+
+
+@pytest.fixture(scope="module")
+def linen_run(linen, data):
+    """STEPS steps from the initial adapters; returns (trained adapters, metrics per step)."""
+    _, base, adapters, step = linen
+    adapters = _copy(adapters)  # the step donates them
+    opt_state = step.init(adapters)
+    history = []
+    for i in range(STEPS):
+        adapters, opt_state, metrics = step(adapters, opt_state, base, data, jax.random.key(i))
+        history.append(jax.tree.map(float, metrics))
+    return adapters, opt_state, history
+
+
+def _falls(history):
+    first = history[0]["task_loss"]
+    last = np.mean([m["task_loss"] for m in history[-5:]])
+    return first, last
+
+
+def test_linen_loss_falls_with_the_base_bitwise_frozen(linen, linen_run, data):
+    adapted, base, adapters0, _ = linen
+    before = _copy(base)
+    trained, _, history = linen_run
+    first, last = _falls(history)
+    assert last < 0.8 * first, (first, last)
+    _assert_trees_equal(base, before)  # the step neither donated nor changed the base
+    x = data[0][:2]  # the shapes init ran on: eager ops already compiled
+    model = LinenTransformer(**MODEL)
+    base_out = model.apply(base, x)
+    np.testing.assert_array_equal(adapted.apply({**base, "adapters": adapters0}, x), base_out)
+    assert np.abs(np.asarray(adapted.apply({**base, "adapters": trained}, x) - base_out)).max() > 0
+
+
+def test_linen_optimizer_state_covers_adapter_leaves_only(linen, linen_run):
+    _, base, adapters, _ = linen
+    _, opt_state, _ = linen_run
+    assert _shapes(opt_state) == sorted([()] + 2 * _shapes(adapters))
+    base_sizes = {x.size for x in jax.tree.leaves(base)}
+    assert sum(x.size for x in jax.tree.leaves(opt_state)) == 1 + 2 * sum(
+        x.size for x in jax.tree.leaves(adapters)
+    )
+    assert base_sizes  # the base has leaves, none of which has optimizer state
+
+
+def test_linen_aux_loss_is_added(linen_run):
+    _, _, history = linen_run
+    assert history[0]["aux_loss"] == 0.0  # identity at init: no contribution to penalize
+    assert history[-1]["aux_loss"] > 0.0
+    for m in history:
+        assert np.float32(m["loss"]) == np.float32(m["task_loss"]) + np.float32(m["aux_loss"])
+
+
+def test_linen_step_equals_an_eager_reference(linen, data):
+    """One jit step equals loss, gradient and Adam update computed eagerly by hand, with the
+    step's key as the 'dropout' stream and the adapters' aux loss added."""
+    adapted, base, adapters, step = linen
+    key = jax.random.key(7)
+    tx = optax.adam(LR)
+    x, y = data
+
+    def objective(ad):
+        logits, state = adapted.apply(
+            {**base, "adapters": ad},
+            x,
+            adapter_train=True,
+            rngs={"dropout": key},
+            mutable=[jadapters.AUX_LOSS_COLLECTION],
+        )
+        aux = sum(jnp.sum(a) for a in jax.tree.leaves(state))
+        return _ce(logits, y) + aux
+
+    noisy = _noise_like(adapters, seed=3, scale=0.3)  # non-zero aux loss and gradients
+    loss, grads = jax.value_and_grad(objective)(noisy)
+    updates, _ = tx.update(grads, tx.init(noisy), noisy)
+    expected = optax.apply_updates(noisy, updates)
+
+    opt_state = step.init(noisy)
+    new, _, metrics = step(_copy(noisy), opt_state, base, data, key)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(new), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_linen_keys_are_threaded(linen, data):
+    _, base, adapters, step = linen
+    noisy = _noise_like(adapters, seed=4, scale=0.3)
+    opt_state = step.init(noisy)
+
+    def run(key):
+        return step(_copy(noisy), _copy(opt_state), base, data, key)
+
+    same_a, _, ma = run(jax.random.key(1))
+    same_b, _, mb = run(jax.random.key(1))
+    other, _, mc = run(jax.random.key(2))
+    _assert_trees_equal(same_a, same_b)
+    np.testing.assert_array_equal(ma["loss"], mb["loss"])
+    assert float(mc["loss"]) != float(ma["loss"])
+    assert any(
+        not np.array_equal(p, q)
+        for p, q in zip(jax.tree.leaves(other), jax.tree.leaves(same_a), strict=True)
+    )
+
+
+# --- NNX: adapter-only training on the digits -----------------------------------------------
+
+
+def _nnx_loss(model, batch):
+    x, y = batch
+    return _ce(model(x), y)
+
+
+@pytest.fixture(scope="module")
+def nnx_step():
+    return jadapters.nnx_train_step(_nnx_loss)
+
+
+@pytest.fixture(scope="module")
+def nnx_model():
+    model = NNXTransformer(8, rngs=nnx.Rngs(0), **MODEL)
+    jadapters.adapter_transform(model, r"blocks/\d+/mlp")
+    model.add_adapter("task", CFG, rngs=nnx.Rngs(params=1, dropout=2))
+    model.train()
+    return model
+
+
+def test_nnx_loss_falls_with_the_base_bitwise_frozen(nnx_model, nnx_step, data):
+    model = _fresh(nnx_model)
+    base = _copy(nnx.state(model, nnx.Param))
+    adapters0 = _copy(nnx.state(model, AdapterParam))
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    # optimizer state: adam's mu and nu for the adapter leaves only, plus step and count
+    opt_state = nnx.state(optimizer, nnx.OptState)
+    assert _shapes(opt_state) == sorted([(), ()] + 2 * _shapes(adapters0))
+    history = [jax.tree.map(float, nnx_step(model, optimizer, data)) for _ in range(STEPS)]
+    first, last = _falls(history)
+    assert last < 0.8 * first, (first, last)
+    _assert_trees_equal(nnx.state(model, nnx.Param), base)
+    assert history[0]["aux_loss"] == 0.0 and history[-1]["aux_loss"] > 0.0
+    for m in history:
+        assert np.float32(m["loss"]) == np.float32(m["task_loss"]) + np.float32(m["aux_loss"])
+    changed = [
+        not np.array_equal(p, q)
+        for p, q in zip(
+            jax.tree.leaves(nnx.state(model, AdapterParam)), jax.tree.leaves(adapters0), strict=True
+        )
+    ]
+    assert any(changed)
+
+
+def test_nnx_step_equals_an_eager_reference(nnx_model, nnx_step, data):
+    """One nnx.jit step equals loss, gradient and Adam update computed eagerly by hand from
+    an identical copy (same weights, same dropout stream state)."""
+    model = _fresh(nnx_model)
+    _randomize(model)
+    reference = _fresh(model)
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    metrics = nnx_step(model, optimizer, data)
+
+    x, y = data
+
+    def objective(m):
+        logits = m(x)
+        aux = sum(jnp.sum(v) for v in jax.tree.leaves(nnx.state(m, jadapters.AdapterLoss)))
+        return _ce(logits, y) + aux
+
+    adapters = nnx.state(reference, AdapterParam)
+    grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, AdapterParam))
+    loss, grads = grad_fn(reference)  # eager: no jit anywhere
+    pure, grads = nnx.to_pure_dict(adapters), nnx.to_pure_dict(grads)
+    tx = optax.adam(LR)
+    updates, _ = tx.update(grads, tx.init(pure), pure)
+    expected = optax.apply_updates(pure, updates)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    got = nnx.to_pure_dict(nnx.state(model, AdapterParam))
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def _randomize(model, seed=5, scale=0.3):
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, AdapterParam)
+    nnx.update(
+        model,
+        jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), state),
+    )
+
+
+def test_nnx_keys_are_threaded(nnx_model, nnx_step, data):
+    """Same dropout stream state -> same step; a reseeded stream -> a different one."""
+    results = []
+    for seed in (None, None, 123):
+        model = _fresh(nnx_model)
+        _randomize(model)
+        if seed is not None:
+            nnx.reseed(model, dropout=seed)
+        optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+        metrics = nnx_step(model, optimizer, data)
+        results.append((float(metrics["loss"]), jax.tree.leaves(nnx.state(model, AdapterParam))))
+    (la, pa), (lb, pb), (lc, pc) = results
+    assert la == lb
+    for p, q in zip(pa, pb, strict=True):
+        np.testing.assert_array_equal(p, q)
+    assert lc != la
+
+
+def test_nnx_conv_net_batch_norm_stays_frozen(data):
+    images = data[0][:128, :, :, None]
+    labels = data[1][:128]
+    model = NNXConvNet(1, num_classes=10, features=8, rngs=nnx.Rngs(0))
+    jadapters.adapter_transform(model, r"conv_\d")
+    model.add_adapter("c", LinearAdapterConfig(dim=4), rngs=nnx.Rngs(1))
+    params, stats = _copy(nnx.state(model, nnx.Param)), _copy(nnx.state(model, nnx.BatchStat))
+    model.train()
+    assert model.bn_0.use_running_average is False  # train() turned batch statistics on
+    optimizer = jadapters.adapter_optimizer(model, optax.adam(3e-2))
+    assert model.bn_0.use_running_average and model.bn_1.use_running_average
+    step = jadapters.nnx_train_step(_nnx_loss)
+    history = [jax.tree.map(float, step(model, optimizer, (images, labels))) for _ in range(20)]
+    _assert_trees_equal(nnx.state(model, nnx.BatchStat), stats)
+    _assert_trees_equal(nnx.state(model, nnx.Param), params)
+    first, last = _falls(history)
+    assert last < first, (first, last)
