@@ -24,20 +24,35 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import qwix
 from flax import nnx
 
 import jadapters
+
+try:
+    from benchmarks._common import (
+        Stepper,
+        cross_entropy,
+        randomize,
+        time_interleaved,
+        token_data,
+        transformer_kwargs,
+    )
+except ImportError:  # run as a script: python benchmarks/bench_lora.py
+    from _common import (  # type: ignore[no-redef]
+        Stepper,
+        cross_entropy,
+        randomize,
+        time_interleaved,
+        token_data,
+        transformer_kwargs,
+    )
 from jadapters.demo.models import LinenTransformer, NNXTransformer
 
 IN_FEATURES = 32
@@ -64,88 +79,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- timing ------------------------------------------------------------------------------------
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, steps: int):
-    """Median milliseconds per call of each ``fn`` (which must block on its result)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    for i in range(steps):
-        # Alternate the order each round, so no variant always runs first (or last).
-        for name in order if i % 2 == 0 else order[::-1]:
-            fn = fns[name]
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _blocking(fn, *args):
     return lambda: jax.block_until_ready(fn(*args))
-
-
-class _Stepper:
-    """Calls a state-threading step ``state = step(*state, *consts)`` and blocks."""
-
-    def __init__(self, step, state, consts):
-        self.step, self.state, self.consts = step, state, consts
-
-    def __call__(self):
-        out = self.step(*self.state, *self.consts)
-        jax.block_until_ready(out)
-        self.state = out[: len(self.state)]
-
-
-def _cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _data(args):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((args.batch, args.seq, IN_FEATURES)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32)
-    return x, y
-
-
-def _model_kwargs(args):
-    return dict(
-        num_classes=NUM_CLASSES,
-        d_model=args.d_model,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        mlp_dim=4 * args.d_model,
-        max_len=args.seq,
-    )
 
 
 def _lora_cfg(args):
     return jadapters.LoRAConfig(rank=args.rank, alpha=2.0 * args.rank)
 
 
-def _randomize(tree, seed, scale=0.02):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda a: jnp.asarray(scale * rng.standard_normal(np.shape(a)), jnp.result_type(a)), tree
-    )
-
-
 # --- Linen: training step, merged and unmerged forward ----------------------------------------
 
 
 def bench_linen(args) -> dict:
-    x, y = _data(args)
-    model = LinenTransformer(**_model_kwargs(args))
+    x, y = token_data(args.batch, args.seq, IN_FEATURES)
+    model = LinenTransformer(**transformer_kwargs(args, args.heads))
     adapted = jadapters.adapter_transform(model, LINEN_QV).add_adapter("lora", _lora_cfg(args))
     variables = adapted.init(jax.random.key(0), x)
     # Nonzero B, so that merged and adapted outputs differ from the base's (a real check).
-    variables = {**variables, "adapters": _randomize(variables["adapters"], 1)}
+    variables = {**variables, "adapters": randomize(variables["adapters"], 1)}
     base = {"params": variables["params"]}
     tx = optax.adam(1e-3)
 
     def full_step(params, opt_state, x, y):
         def loss(p):
-            return _cross_entropy(model.apply({"params": p}, x), y)
+            return cross_entropy(model.apply({"params": p}, x), y)
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -154,14 +111,14 @@ def bench_linen(args) -> dict:
     full = jax.jit(full_step, donate_argnums=(0, 1))
     full_params = jax.tree.map(jnp.copy, variables["params"])
     lora_step = jadapters.linen_train_step(
-        adapted, lambda apply, batch: _cross_entropy(apply(batch[0]), batch[1]), tx
+        adapted, lambda apply, batch: cross_entropy(apply(batch[0]), batch[1]), tx
     )
     adapters = jax.tree.map(jnp.copy, variables["adapters"])
     key = jax.random.key(0)
     steps = time_interleaved(
         {
-            "full": _Stepper(full, (full_params, tx.init(full_params)), (x, y)),
-            "lora": _Stepper(
+            "full": Stepper(full, (full_params, tx.init(full_params)), (x, y)),
+            "lora": Stepper(
                 lambda a, o, b, batch, k: lora_step(a, o, b, batch, k),
                 (adapters, lora_step.init(adapters)),
                 (base, (x, y), key),
@@ -223,13 +180,13 @@ class FlaxLoRAProjection(nnx.Module):
 
 
 def _nnx_base(args):
-    return NNXTransformer(IN_FEATURES, **_model_kwargs(args), rngs=nnx.Rngs(0))
+    return NNXTransformer(IN_FEATURES, **transformer_kwargs(args, args.heads), rngs=nnx.Rngs(0))
 
 
 def _nnx_ours(args):
     model = jadapters.adapter_transform(_nnx_base(args), NNX_QV)
     model.add_adapter("lora", _lora_cfg(args), rngs=nnx.Rngs(1))
-    nnx.update(model, _randomize(nnx.state(model, jadapters.AdapterParam), 2))
+    nnx.update(model, randomize(nnx.state(model, jadapters.AdapterParam), 2))
     return model
 
 
@@ -286,7 +243,7 @@ def _pure_forward(model):
 
 
 def bench_nnx(args) -> dict:
-    x, y = _data(args)
+    x, y = token_data(args.batch, args.seq, IN_FEATURES)
     base = _nnx_base(args)
     ours = _nnx_ours(args)
     flax_model = _nnx_flax(args, ours)
@@ -304,7 +261,7 @@ def bench_nnx(args) -> dict:
     )
 
     def loss_fn(model, batch):
-        return _cross_entropy(model(batch[0]), batch[1])
+        return cross_entropy(model(batch[0]), batch[1])
 
     tx = optax.adam(1e-3)
     ours_step = jadapters.nnx_train_step(loss_fn)

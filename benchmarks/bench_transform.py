@@ -37,16 +37,34 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 import jadapters
+
+try:
+    from benchmarks._common import (
+        IN_FEATURES,
+        Stepper,
+        cross_entropy,
+        randomize,
+        time_interleaved,
+        token_data,
+        transformer_kwargs,
+    )
+except ImportError:  # run as a script: python benchmarks/bench_transform.py
+    from _common import (  # type: ignore[no-redef]
+        IN_FEATURES,
+        Stepper,
+        cross_entropy,
+        randomize,
+        time_interleaved,
+        token_data,
+        transformer_kwargs,
+    )
 from jadapters.demo.models import LinenTransformer, NNXTransformer
 
-IN_FEATURES = 64
-NUM_CLASSES = 10
 HEADS = 8
 LINEN_MLP = r"blocks_\d+/mlp"
 NNX_MLP = r"blocks/\d+/mlp"
@@ -69,20 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --- timing ------------------------------------------------------------------------------------
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, steps: int):
-    """Median milliseconds per call of each ``fn`` (which must block on its result)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def compile_seconds(fns: dict[str, Callable[..., Any]], args: dict[str, tuple], repeats: int):
@@ -113,48 +117,8 @@ def compile_seconds(fns: dict[str, Callable[..., Any]], args: dict[str, tuple], 
     }
 
 
-class _Loop:
-    """Calls ``step(*state, *consts)`` and keeps the first ``len(state)`` outputs as state."""
-
-    def __init__(self, step, state, consts):
-        self.step, self.state, self.consts = step, tuple(state), tuple(consts)
-
-    def __call__(self):
-        out = self.step(*self.state, *self.consts)
-        self.state = tuple(out[: len(self.state)])
-        jax.block_until_ready(out)
-
-
-def _cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def _data(args):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((args.batch, args.seq, IN_FEATURES)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32)
-    return x, y
-
-
-def _model_kwargs(args):
-    return dict(
-        num_classes=NUM_CLASSES,
-        d_model=args.d_model,
-        num_layers=args.layers,
-        num_heads=HEADS,
-        mlp_dim=4 * args.d_model,
-        max_len=args.seq,
-    )
-
-
 def _adapter_cfg(args):
     return jadapters.LinearAdapterConfig(dim=args.adapter_dim)
-
-
-def _randomize(tree, seed, scale=0.02):
-    """Small non-zero adapter weights, so that no step runs on an all-zero up-projection."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), tree)
 
 
 def _copy(tree):
@@ -188,14 +152,14 @@ def _full_gradient_step(loss, tx):
 
 
 def bench_linen(args) -> dict:
-    x, y = _data(args)
-    model = LinenTransformer(**_model_kwargs(args))
+    x, y = token_data(args.batch, args.seq)
+    model = LinenTransformer(**transformer_kwargs(args, HEADS))
     adapted = jadapters.adapter_transform(model, LINEN_MLP).add_adapter("task", _adapter_cfg(args))
     key = jax.random.key(0)
 
     # (f) compile time first, on fresh functions, before anything else compiled them
     base_params = jax.jit(model.init)(key, x[:1])["params"]
-    adapters = _randomize(adapted.init_adapters(key, {"params": base_params}, x[:1])["adapters"], 1)
+    adapters = randomize(adapted.init_adapters(key, {"params": base_params}, x[:1])["adapters"], 1)
     variables = {"params": base_params, "adapters": adapters}
     compile_s = compile_seconds(
         {
@@ -222,22 +186,22 @@ def bench_linen(args) -> dict:
     adam = optax.adam(1e-4)
 
     def full_loss(params, x, y):
-        return _cross_entropy(model.apply({"params": params}, x), y)
+        return cross_entropy(model.apply({"params": params}, x), y)
 
     def adapted_loss(v, x, y):
-        return _cross_entropy(adapted.apply(v, x, adapter_train=True), y)
+        return cross_entropy(adapted.apply(v, x, adapter_train=True), y)
 
     def loss_fn(apply, batch):
-        return _cross_entropy(apply(batch[0]), batch[1])
+        return cross_entropy(apply(batch[0]), batch[1])
 
     full_params = _copy(base_params)
-    full = _Loop(
+    full = Stepper(
         _full_gradient_step(full_loss, adam), (full_params, adam.init(full_params)), (x, y)
     )
 
     step = jadapters.linen_train_step(adapted, loss_fn, adam)
     keys = jax.random.key(1)
-    ours = _Loop(
+    ours = Stepper(
         lambda a, s, base, batch, k: step(a, s, base, batch, k),
         (_copy(adapters), step.init(adapters)),
         ({"params": base_params}, (x, y), keys),
@@ -246,7 +210,7 @@ def bench_linen(args) -> dict:
     mask = jadapters.trainable_mask(adapted, variables)
     masked_tx = optax.masked(adam, mask)
     masked_vars = _copy(variables)
-    masked = _Loop(
+    masked = Stepper(
         _full_gradient_step(adapted_loss, masked_tx),
         (masked_vars, masked_tx.init(masked_vars)),
         (x, y),
@@ -254,7 +218,7 @@ def bench_linen(args) -> dict:
 
     frozen_tx = jadapters.freeze_base(adam, jadapters.param_labels(adapted, variables))
     frozen_vars = _copy(variables)
-    frozen = _Loop(
+    frozen = Stepper(
         _full_gradient_step(adapted_loss, frozen_tx),
         (frozen_vars, frozen_tx.init(frozen_vars)),
         (x, y),
@@ -285,12 +249,12 @@ def bench_linen(args) -> dict:
 
 
 def _nnx_models(args):
-    base = NNXTransformer(IN_FEATURES, rngs=nnx.Rngs(0), **_model_kwargs(args))
+    base = NNXTransformer(IN_FEATURES, rngs=nnx.Rngs(0), **transformer_kwargs(args, HEADS))
     graphdef, state = nnx.split(base)
     adapted = nnx.merge(graphdef, _copy(state))
     jadapters.adapter_transform(adapted, NNX_MLP)
     adapted.add_adapter("task", _adapter_cfg(args), rngs=nnx.Rngs(params=1, dropout=2))
-    nnx.update(adapted, _randomize(nnx.state(adapted, jadapters.AdapterParam), 1))
+    nnx.update(adapted, randomize(nnx.state(adapted, jadapters.AdapterParam), 1))
     return base, adapted
 
 
@@ -311,13 +275,13 @@ def _functional(model, wrt):
     def loss(pure, rest, x, y):
         state = jax.tree.map(lambda v: v, params)  # new variables, inside the trace
         nnx.replace_by_pure_dict(state, pure)
-        return _cross_entropy(nnx.merge(graphdef, state, rest)(x), y)
+        return cross_entropy(nnx.merge(graphdef, state, rest)(x), y)
 
     return loss, _copy(nnx.to_pure_dict(params)), rest
 
 
 def bench_nnx(args) -> dict:
-    x, y = _data(args)
+    x, y = token_data(args.batch, args.seq)
     base, adapted = _nnx_models(args)
     base.eval()
     adapted.eval()
@@ -345,7 +309,7 @@ def bench_nnx(args) -> dict:
     base_before = nnx.to_pure_dict(_copy(nnx.state(adapted, nnx.Param)))
 
     full_loss, full_params, base_rest = _functional(base, nnx.Param)
-    full = _Loop(
+    full = Stepper(
         _full_gradient_step(full_loss, adam),
         (full_params, adam.init(full_params)),
         (base_rest, x, y),
@@ -354,7 +318,7 @@ def bench_nnx(args) -> dict:
     ours_model = nnx.merge(*nnx.split(adapted))
     ours_model.train()
     optimizer = jadapters.adapter_optimizer(ours_model, adam)
-    step = jadapters.nnx_train_step(lambda m, b: _cross_entropy(m(b[0]), b[1]))
+    step = jadapters.nnx_train_step(lambda m, b: cross_entropy(m(b[0]), b[1]))
 
     def ours():
         jax.block_until_ready(step(ours_model, optimizer, (x, y)))
@@ -368,14 +332,14 @@ def bench_nnx(args) -> dict:
     adapted_loss, all_params, rest = _functional(train_model, both)
 
     masked_tx = optax.masked(adam, jax.tree.map(lambda label: label == "adapters", labels))
-    masked = _Loop(
+    masked = Stepper(
         _full_gradient_step(adapted_loss, masked_tx),
         (all_params, masked_tx.init(all_params)),
         (rest, x, y),
     )
     frozen_tx = jadapters.freeze_base(adam, labels)
     frozen_params = _copy(all_params)
-    frozen = _Loop(
+    frozen = Stepper(
         _full_gradient_step(adapted_loss, frozen_tx),
         (frozen_params, frozen_tx.init(frozen_params)),
         (rest, x, y),
