@@ -13,6 +13,16 @@ import dataclasses
 from typing import Any
 
 
+def adapter_fields(obj: Any) -> dict[str, Any]:
+    """The configuration fields of an adapter module or config (Linen's ``parent``/``name``
+    and the keyword-only marker left out), so a module and its config share one check."""
+    return {
+        f.name: getattr(obj, f.name)
+        for f in dataclasses.fields(obj)
+        if f.name not in ("parent", "name", "_")
+    }
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdapterConfig:
     """Base class of adapter configs: frozen dataclasses whose fields match the module's."""

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters import _checks
-from jadapters.adapters.base import AdapterConfig
+from jadapters.adapters.base import AdapterConfig, adapter_fields
 from jadapters.strategies import ResidualAddStrategy
 
 
@@ -56,7 +56,7 @@ class IA3(nn.Module):
     default_insertion: ClassVar[str] = "output"
 
     def __post_init__(self):
-        _check_ia3(self.in_features, self.param_dtype, self.adapter_strategy)
+        _check_ia3(**adapter_fields(self))
         super().__post_init__()
 
     @nn.compact
@@ -82,4 +82,4 @@ class IA3Config(AdapterConfig):
     adapter_strategy: Any = ResidualAddStrategy()
 
     def __post_init__(self):
-        _check_ia3(self.in_features, self.param_dtype, self.adapter_strategy)
+        _check_ia3(**adapter_fields(self))

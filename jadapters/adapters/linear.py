@@ -10,7 +10,7 @@ import jax
 
 from jadapters import _checks
 from jadapters._activations import check_activation, get_activation
-from jadapters.adapters.base import AdapterConfig
+from jadapters.adapters.base import AdapterConfig, adapter_fields
 from jadapters.strategies import ResidualAddStrategy
 
 NORM_POSITIONS = ("pre", "post")
@@ -68,14 +68,7 @@ class LinearAdapter(nn.Module):
     default_insertion: ClassVar[str] = "output"
 
     def __post_init__(self):
-        _check_linear(
-            self.dim,
-            self.in_features,
-            self.activation,
-            self.norm_position,
-            self.dropout,
-            self.adapter_strategy,
-        )
+        _check_linear(**adapter_fields(self))
         super().__post_init__()
 
     @nn.compact
@@ -129,11 +122,4 @@ class LinearAdapterConfig(AdapterConfig):
     adapter_strategy: Any = ResidualAddStrategy()
 
     def __post_init__(self):
-        _check_linear(
-            self.dim,
-            self.in_features,
-            self.activation,
-            self.norm_position,
-            self.dropout,
-            self.adapter_strategy,
-        )
+        _check_linear(**adapter_fields(self))

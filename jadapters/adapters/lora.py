@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters import _checks
-from jadapters.adapters.base import AdapterConfig
+from jadapters.adapters.base import AdapterConfig, adapter_fields
 from jadapters.strategies import ResidualAddStrategy
 
 A_INITS = ("he_uniform", "gaussian")
@@ -96,15 +96,7 @@ class LoRA(nn.Module):
     needs_out_features: ClassVar[bool] = True
 
     def __post_init__(self):
-        _check_lora(
-            self.rank,
-            self.alpha,
-            self.rslora,
-            self.dropout,
-            self.a_init,
-            self.param_dtype,
-            self.adapter_strategy,
-        )
+        _check_lora(**adapter_fields(self))
         super().__post_init__()
 
     @property
@@ -152,12 +144,4 @@ class LoRAConfig(AdapterConfig):
     adapter_strategy: Any = ResidualAddStrategy()
 
     def __post_init__(self):
-        _check_lora(
-            self.rank,
-            self.alpha,
-            self.rslora,
-            self.dropout,
-            self.a_init,
-            self.param_dtype,
-            self.adapter_strategy,
-        )
+        _check_lora(**adapter_fields(self))

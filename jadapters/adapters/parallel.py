@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jadapters import _checks
 from jadapters._activations import check_activation, get_activation
-from jadapters.adapters.base import AdapterConfig
+from jadapters.adapters.base import AdapterConfig, adapter_fields
 from jadapters.strategies import ResidualAddStrategy
 
 
@@ -62,14 +62,7 @@ class ParallelAdapter(nn.Module):
     needs_out_features: ClassVar[bool] = True
 
     def __post_init__(self):
-        _check_parallel(
-            self.dim,
-            self.activation,
-            self.scale,
-            self.learn_scale,
-            self.dropout,
-            self.adapter_strategy,
-        )
+        _check_parallel(**adapter_fields(self))
         super().__post_init__()
 
     @nn.compact
@@ -98,11 +91,4 @@ class ParallelAdapterConfig(AdapterConfig):
     adapter_strategy: Any = ResidualAddStrategy()
 
     def __post_init__(self):
-        _check_parallel(
-            self.dim,
-            self.activation,
-            self.scale,
-            self.learn_scale,
-            self.dropout,
-            self.adapter_strategy,
-        )
+        _check_parallel(**adapter_fields(self))
