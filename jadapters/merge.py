@@ -25,7 +25,7 @@ from jadapters.adapters.ia3 import IA3Config
 from jadapters.adapters.lora import LoRAConfig
 from jadapters.config import build_adapter
 from jadapters.kernels import KernelLayout, kernel_layout
-from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen
+from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen, adapter_subtrees
 from jadapters.strategies import ResidualAddStrategy, ScaledAddStrategy
 
 
@@ -143,21 +143,11 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
 
 def _merge_linen(adapted: AdaptedLinen, variables: Mapping, chosen, layouts=None) -> dict:
     params = jax.tree.map(lambda x: x, dict(variables["params"]))
-    adapters = variables.get(ADAPTER_COLLECTION, {})
+    found = adapter_subtrees(variables.get(ADAPTER_COLLECTION, {}), set(adapted.adapters.names()))
     hosts: dict[tuple[str, ...], list] = {}
-
-    all_names = set(adapted.adapters.names())
-
-    def visit(tree, path):  # the first adapter name from the root owns the subtree
-        for key, value in tree.items():
-            if key in all_names:
-                for spec, weight in chosen:
-                    if key == spec.name:
-                        hosts.setdefault(tuple(path), []).append((spec, value, weight))
-            elif isinstance(value, Mapping):
-                visit(value, path + [key])
-
-    visit(adapters, [])
+    for spec, weight in chosen:  # chosen follows the chain order
+        for host, value in found.get(spec.name, {}).items():
+            hosts.setdefault(tuple(host.split("/")), []).append((spec, value, weight))
     for path, entries in hosts.items():
         host = _get(params, path)
         kernel = host["kernel"]
@@ -168,8 +158,6 @@ def _merge_linen(adapted: AdaptedLinen, variables: Mapping, chosen, layouts=None
             layout = _leading_layout(tuple(kernel.shape), lora[0]["a"].shape[0], "/".join(path))
         else:
             layout = KernelLayout(tuple(kernel.shape), (0,), (-1,))
-        order = {s.name: i for i, s in enumerate(adapted.adapters)}
-        entries = sorted(entries, key=lambda e: order[e[0].name])
         new_kernel, new_bias = _fold(kernel, host.get("bias"), layout, entries)
         parent = params
         for key in path[:-1]:

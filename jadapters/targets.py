@@ -47,6 +47,10 @@ class Target:
             return False
         return re.fullmatch(self.pattern, path) is not None
 
+    def applies(self, path: str, module: Any, method: str) -> bool:
+        """Whether a call of ``method`` on ``module`` at ``path`` is one this rule wraps."""
+        return method in self.methods and self.matches(path, module)
+
 
 TargetsLike = str | Target | Sequence[str | Target] | Mapping[str, Any]
 

@@ -16,7 +16,7 @@ import flax.core
 from jadapters._adapter_set import AdapterSet, AdapterSpec
 from jadapters.checkpoint import metadata as md
 from jadapters.checkpoint.fingerprint import compare as compare_fingerprint
-from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen
+from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen, adapter_subtrees
 
 
 def _plain(tree: Any) -> Any:
@@ -30,22 +30,15 @@ def _group_matches(model: AdaptedLinen, group: str, path: str) -> bool:
 
 def _find(model: AdaptedLinen, adapters: Mapping, specs: Sequence[AdapterSpec]):
     """``{name: {host path: params}}`` for ``specs`` found in the adapter collection."""
-    by_name = {s.name: s for s in specs}
-    found: dict[str, dict[str, Any]] = {s.name: {} for s in specs}
-
-    def walk(node: Mapping, prefix: tuple[str, ...]):
-        for key, value in node.items():
-            if not isinstance(value, Mapping):
-                continue
-            path = "/".join(prefix)
-            spec = by_name.get(key)
-            if spec is not None and _group_matches(model, spec.group, path):
-                found[key][path] = _plain(value)
-            else:
-                walk(value, prefix + (str(key),))
-
-    walk(adapters, ())
-    return found
+    found = adapter_subtrees(adapters, set(model.adapters.names()))
+    return {
+        spec.name: {
+            host: _plain(value)
+            for host, value in found.get(spec.name, {}).items()
+            if isinstance(value, Mapping) and _group_matches(model, spec.group, host)
+        }
+        for spec in specs
+    }
 
 
 def _subtree(tree: Any, path: str) -> Any:

@@ -185,22 +185,21 @@ class AdaptedLinen(nn.Module):
         return layouts
 
     def _hosts_by_group(self, seen) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for group, rules in self.groups:
-            hosts = []
-            for path, module, method in seen:
-                if any(r.matches(path, module) and method in r.methods for r in rules):
-                    if path not in hosts:
-                        hosts.append(path)
-            out[group] = hosts
+        out: dict[str, list[str]] = {group: [] for group, _ in self.groups}
+        for path, module, method in seen:
+            for group in self._groups_of(path, module, method):
+                if path not in out[group]:
+                    out[group].append(path)
         return out
 
-    def _host_specs(self, path: str, module: Any, method: str) -> list[AdapterSpec]:
-        groups = {
-            g
-            for g, rules in self.groups
-            if any(method in r.methods and r.matches(path, module) for r in rules)
+    def _groups_of(self, path: str, module: Any, method: str) -> set[str]:
+        """The groups whose rules wrap this call."""
+        return {
+            g for g, rules in self.groups if any(r.applies(path, module, method) for r in rules)
         }
+
+    def _host_specs(self, path: str, module: Any, method: str) -> list[AdapterSpec]:
+        groups = self._groups_of(path, module, method)
         return [s for s in self.adapters if s.group in groups]
 
     def _interceptor(self, adapter_train: bool, seen: list):
@@ -249,6 +248,28 @@ def adapter_of(path: Any, names: Any) -> str | None:
         if key in names:
             return key
     return None
+
+
+def adapter_subtrees(adapters: Any, names: Any) -> dict[str, dict[str, Any]]:
+    """``{adapter name: {host path: params}}`` of the ``"adapters"`` collection.
+
+    The first key from the root that names an adapter owns its subtree, the rule of
+    :func:`adapter_of`.
+
+    >>> adapter_subtrees({"blocks_0": {"mlp": {"task": {"w": 1}}}}, {"task"})
+    {'task': {'blocks_0/mlp': {'w': 1}}}
+    """
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            if key in names:
+                found.setdefault(key, {})[path_str(prefix)] = value
+            elif hasattr(value, "items"):
+                walk(value, (*prefix, str(key)))
+
+    walk(adapters, ())
+    return found
 
 
 def _host_path(module: nn.Module) -> str:
