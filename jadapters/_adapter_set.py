@@ -19,7 +19,12 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
-    """One adapter: its name, target group, config, insertion form and enabled state."""
+    """One adapter: its name, target group, config, insertion form and enabled state.
+
+    >>> from jadapters import LinearAdapterConfig
+    >>> AdapterSpec("task", "decoder", LinearAdapterConfig(dim=4), "output").qualified_name
+    'decoder:task'
+    """
 
     name: str
     group: str
@@ -73,7 +78,13 @@ def check_insertion(insertion: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSet:
-    """An ordered, immutable collection of :class:`AdapterSpec` (insertion order is chain order)."""
+    """An ordered, immutable collection of :class:`AdapterSpec` (insertion order is chain order).
+
+    >>> from jadapters import LinearAdapterConfig
+    >>> spec = AdapterSpec("task", "", LinearAdapterConfig(dim=4), "output")
+    >>> AdapterSet().add(spec).set_enabled("task", False).enabled_names()
+    []
+    """
 
     specs: tuple[AdapterSpec, ...] = ()
 

@@ -116,6 +116,10 @@ def config_of(adapter: Any) -> Any:
 
     Raises:
       ValueError: if ``adapter`` is neither a registered config nor a registered module.
+
+    >>> from jadapters import LinearAdapter
+    >>> config_of(LinearAdapter(4, activation="relu"))
+    LinearAdapterConfig(dim=4, in_features=None, activation='relu', ...)
     """
     for config_cls, module_cls in _ADAPTERS.values():
         if type(adapter) is config_cls:
@@ -192,6 +196,13 @@ def config_from_dict(data: dict[str, Any]) -> Any:
 
     Raises:
       ValueError: for an unregistered ``"type"`` (nothing is imported) or unknown fields.
+
+    >>> config_from_dict({"type": "LinearAdapter", "dim": 4}).dim
+    4
+    >>> config_from_dict({"type": "os.system", "dim": 4})
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown adapter type 'os.system'; ...
     """
     if not isinstance(data, dict) or "type" not in data:
         raise ValueError(f"an adapter config must be an object with a 'type', got {data!r}.")

@@ -47,6 +47,15 @@ def trainable_mask(model: Any, variables: Any = None) -> Any:
       model: an adapted Linen model (then give its full ``variables``), or an adapted NNX
         model (then the mask is over ``nnx.state(model, nnx.Param, jadapters.AdapterParam)``
         and ``variables`` is ignored).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jadapters
+    >>> adapted = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
+    >>> adapted = adapted.add_adapter("task", jadapters.IA3Config())
+    >>> variables = adapted.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> mask = trainable_mask(adapted, variables)
+    >>> mask["adapters"], mask["params"]
+    ({'layers_0': {'task': {'scale': True}}}, {'layers_0': {'bias': False, 'kernel': False}})
     """
     labels = param_labels(model, variables)
     return jax.tree.map(lambda label: label == TRAINABLE, labels)

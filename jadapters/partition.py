@@ -27,7 +27,11 @@ def split_variables(variables: dict) -> tuple[dict, dict]:
 
 
 def merge_variables(base: dict, adapters: dict) -> dict:
-    """Inverse of :func:`split_variables`."""
+    """Inverse of :func:`split_variables`.
+
+    >>> merge_variables({"params": {"w": 1}}, {"a": 2})
+    {'params': {'w': 1}, 'adapters': {'a': 2}}
+    """
     return {**base, ADAPTER_COLLECTION: adapters}
 
 

@@ -60,6 +60,12 @@ def freeze_batchnorm(root: nnx.Module) -> int:
 
     Call it after ``model.train()``, which turns batch statistics back on. Returns how many
     BatchNorm modules were frozen.
+
+    >>> from flax import nnx
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=rngs), nnx.BatchNorm(2, rngs=rngs))
+    >>> freeze_batchnorm(model), model.layers[1].use_running_average
+    (1, True)
     """
     count = 0
     for _, node in nnx.iter_graph(root):

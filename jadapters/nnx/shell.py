@@ -23,6 +23,16 @@ class AdapterParam(nnx.Variable):
     exactly the base model's parameters and ``nnx.state(model, AdapterParam)`` exactly the
     adapters'. (Flax's own ``nnx.LoRAParam`` subclasses ``nnx.Param``, so a ``nnx.Param``
     filter also catches it; ours never mixes the two partitions.)
+
+    >>> from flax import nnx
+    >>> import jadapters
+    >>> model = jadapters.adapter_transform(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))),
+    ...                                     "layers/0")
+    >>> model.add_adapter("task", jadapters.IA3Config(), rngs=nnx.Rngs(1))
+    >>> [v.shape for v in jax.tree.leaves(nnx.state(model, AdapterParam))]
+    [(2,)]
+    >>> len(jax.tree.leaves(nnx.state(model, nnx.Param)))  # the base: kernel and bias
+    2
     """
 
 
