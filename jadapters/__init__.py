@@ -7,7 +7,7 @@ and adapter-only checkpoints.
 
 from jadapters._adapter_set import AdapterSet as AdapterSet
 from jadapters._adapter_set import AdapterSpec as AdapterSpec
-from jadapters._chain import apply_adapter as apply_adapter
+from jadapters._version import __version__ as __version__
 from jadapters.adapters.base import AdapterConfig as AdapterConfig
 from jadapters.adapters.ia3 import IA3 as IA3
 from jadapters.adapters.ia3 import IA3Config as IA3Config
@@ -43,7 +43,6 @@ from jadapters.nnx.mixins import AdapterFilter as AdapterFilter
 from jadapters.nnx.mixins import AdapterModelMixin as AdapterModelMixin
 from jadapters.nnx.mixins import AdapterModuleMixin as AdapterModuleMixin
 from jadapters.nnx.mixins import freeze_batchnorm as freeze_batchnorm
-from jadapters.nnx.shell import AdapterParam as AdapterParam
 from jadapters.nnx.shell import NNXAdapter as NNXAdapter
 from jadapters.optim import freeze_base as freeze_base
 from jadapters.optim import param_labels as param_labels
@@ -53,6 +52,8 @@ from jadapters.partition import merge_variables as merge_variables
 from jadapters.partition import split_model as split_model
 from jadapters.partition import split_variables as split_variables
 from jadapters.partition import summarize as summarize
+from jadapters.runtime import apply_adapter as apply_adapter
+from jadapters.storage import AdapterParam as AdapterParam
 from jadapters.strategies import AdapterStrategy as AdapterStrategy
 from jadapters.strategies import ResidualAddStrategy as ResidualAddStrategy
 from jadapters.strategies import ReturnResultStrategy as ReturnResultStrategy
@@ -66,8 +67,6 @@ from jadapters.training import adapter_optimizer as adapter_optimizer
 from jadapters.training import linen_train_step as linen_train_step
 from jadapters.training import nnx_train_step as nnx_train_step
 from jadapters.transform import adapter_transform as adapter_transform
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterCheckpointManager",

@@ -18,79 +18,49 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jadapters._adapter_set import AdapterSpec
-from jadapters.adapters.ia3 import IA3Config
-from jadapters.adapters.lora import LoRAConfig
-from jadapters.config import build_adapter
-from jadapters.kernels import KernelLayout, kernel_layout
-from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen, adapter_subtrees
-from jadapters.strategies import ResidualAddStrategy, ScaledAddStrategy
-
-
-def _strategy_factor(spec: AdapterSpec) -> float:
-    strategy = spec.cfg.adapter_strategy
-    if type(strategy) is ResidualAddStrategy:
-        return 1.0  # stochastic depth acts in training only; evaluation is the plain sum
-    if type(strategy) is ScaledAddStrategy:
-        return float(strategy.scale)
-    raise ValueError(
-        f"adapter {spec.name!r} joins the stream with {type(strategy).__name__}, which cannot "
-        "be folded into a kernel; only ResidualAddStrategy and ScaledAddStrategy merge."
-    )
+from jadapters.kernels import KernelLayout
+from jadapters.registry import build_adapter
+from jadapters.strategies import linear_factor
+from jadapters.view import view_of
 
 
 def _check_mergeable(spec: AdapterSpec) -> None:
-    if isinstance(spec.cfg, LoRAConfig) and spec.insertion == "weight":
-        return
-    if isinstance(spec.cfg, IA3Config) and spec.insertion == "output":
-        return
-    raise ValueError(
-        f"adapter {spec.name!r} ({type(spec.cfg).__name__.removesuffix('Config')}, "
-        f"insertion {spec.insertion!r}) cannot be merged: only LoRA (weight) and IA3 (output) "
-        "are linear in the host's kernel. Disable it, or keep it unmerged."
-    )
-
-
-def _check_last_axis_from_kernel(layout: KernelLayout, spec: AdapterSpec) -> None:
-    if layout.einsum_str is None:
-        return
-    lhs, _, out = layout.einsum_str.partition("->")
-    kernel_subs = lhs.split(",")[1]
-    if not out or not kernel_subs or out[-1] != kernel_subs[-1]:
+    module = build_adapter(spec.cfg)
+    kind = type(spec.cfg).__name__.removesuffix("Config")
+    if module.merge_insertion is None or spec.insertion != module.merge_insertion:
         raise ValueError(
-            f"adapter {spec.name!r} (IA3) scales the last output axis of einsum "
-            f"{layout.einsum_str!r}, which is not the kernel's last axis, so it cannot be "
-            "folded into the kernel; keep it unmerged."
+            f"adapter {spec.name!r} ({kind}, insertion {spec.insertion!r}) cannot be merged: "
+            "only adapters linear in the host's kernel (LoRA as 'weight', IA3 as 'output') "
+            "fold into it. Disable it, or keep it unmerged."
         )
+    try:
+        linear_factor(spec.cfg.adapter_strategy)
+    except ValueError as err:
+        raise ValueError(f"adapter {spec.name!r} joins the stream with {err}") from None
 
 
 def _fold(
     kernel: jax.Array,
     bias: jax.Array | None,
     layout: KernelLayout,
-    specs: Sequence[tuple[AdapterSpec, Any, float]],
+    entries: Sequence[tuple[AdapterSpec, Any, float]],
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Folds ``(spec, params, weight)`` into ``kernel``/``bias``: weight adapters first, then
-    output adapters in chain order, as the forward applies them."""
+    """Folds ``(spec, params, weight)`` into ``kernel``/``bias`` in float32, as the forward
+    applies them: weight adapters first, then the others in chain order."""
     new_kernel = kernel.astype(jnp.float32)
     new_bias = None if bias is None else bias.astype(jnp.float32)
-    for spec, params, weight in specs:
-        if spec.insertion == "weight":
-            factor = weight * _strategy_factor(spec)
-            update = build_adapter(spec.cfg).flat_update(params).astype(jnp.float32)
-            new_kernel = new_kernel + factor * layout.to_kernel(update)
-    for spec, params, weight in specs:
-        if spec.insertion == "output":
-            _check_last_axis_from_kernel(layout, spec)
-            factor = weight * _strategy_factor(spec)
-            scale = 1.0 + factor * (params["scale"].astype(jnp.float32) - 1.0)
-            # IA3 scales the output's last axis: the kernel's (and bias's) last axis. Broadcast
-            # explicitly, as rank promotion may be configured to raise.
-            new_kernel = new_kernel * scale.reshape((1,) * (new_kernel.ndim - 1) + (-1,))
-            if new_bias is not None:
-                new_bias = new_bias * scale.reshape((1,) * (new_bias.ndim - 1) + (-1,))
+    ordered = sorted(entries, key=lambda e: e[0].insertion != "weight")  # stable
+    for spec, params, weight in ordered:
+        factor = weight * linear_factor(spec.cfg.adapter_strategy)
+        try:
+            new_kernel, new_bias = build_adapter(spec.cfg).fold(
+                params, new_kernel, new_bias, layout, factor=factor
+            )
+        except ValueError as err:
+            kind = type(spec.cfg).__name__.removesuffix("Config")
+            raise ValueError(f"adapter {spec.name!r} ({kind}) {err}") from None
     return new_kernel.astype(kernel.dtype), None if bias is None else new_bias.astype(bias.dtype)
 
 
@@ -126,76 +96,45 @@ def _leading_layout(kernel_shape: tuple[int, ...], in_features: int, path: str) 
             if others:
                 raise ValueError(
                     f"cannot tell which axes of the kernel {kernel_shape} at {path!r} meet the "
-                    f"input (axis {others[0]} fits the LoRA input width {in_features} too); {fix}."
+                    f"input (axis {others[0]} fits the adapter's input width {in_features} "
+                    f"too); {fix}."
                 )
             return KernelLayout(tuple(kernel_shape), tuple(range(n)), tuple(range(-n, 0)))
     raise ValueError(
         f"cannot tell which axes of the kernel {kernel_shape} at {path!r} meet the input "
-        f"(LoRA input width {in_features}); {fix}."
+        f"(adapter input width {in_features}); {fix}."
     )
 
 
-def _get(tree: Any, path: Sequence[str]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
+def _inferred_layout(path: str, kernel: jax.Array, entries) -> KernelLayout:
+    """A host's layout from shapes alone: a weight adapter's flat update tells the input
+    width; output adapters act on the last axis only."""
+    for spec, params, _ in entries:
+        if spec.insertion == "weight":
+            in_features = build_adapter(spec.cfg).flat_update(params).shape[0]
+            return _leading_layout(tuple(kernel.shape), in_features, path)
+    return KernelLayout(tuple(kernel.shape), (0,), (-1,))
 
 
-def _merge_linen(adapted: AdaptedLinen, variables: Mapping, chosen, layouts=None) -> dict:
-    params = jax.tree.map(lambda x: x, dict(variables["params"]))
-    found = adapter_subtrees(variables.get(ADAPTER_COLLECTION, {}), set(adapted.adapters.names()))
-    hosts: dict[tuple[str, ...], list] = {}
-    for spec, weight in chosen:  # chosen follows the chain order
-        for host, value in found.get(spec.name, {}).items():
-            hosts.setdefault(tuple(host.split("/")), []).append((spec, value, weight))
+def _merge(view, chosen, inputs) -> Any:
+    hosts: dict[str, list] = {}
+    for item in view.weights([spec for spec, _ in chosen]):  # chosen follows the chain order
+        weight = dict((s.name, w) for s, w in chosen)[item.spec.name]
+        for path, params in item.hosts.items():
+            hosts.setdefault(path, []).append((item.spec, params, weight))
+    layouts = view.kernel_layouts(inputs)
+    new = {}
     for path, entries in hosts.items():
-        host = _get(params, path)
-        kernel = host["kernel"]
-        lora = [p for s, p, _ in entries if s.insertion == "weight"]
-        if layouts is not None and "/".join(path) in layouts:
-            layout = layouts["/".join(path)]
-        elif lora:
-            layout = _leading_layout(tuple(kernel.shape), lora[0]["a"].shape[0], "/".join(path))
-        else:
-            layout = KernelLayout(tuple(kernel.shape), (0,), (-1,))
-        new_kernel, new_bias = _fold(kernel, host.get("bias"), layout, entries)
-        parent = params
-        for key in path[:-1]:
-            parent[key] = dict(parent[key])
-            parent = parent[key]
-        parent[path[-1]] = {**host, "kernel": new_kernel}
-        if new_bias is not None:
-            parent[path[-1]]["bias"] = new_bias
-    return params
-
-
-def _merge_nnx(model: nnx.Module, chosen) -> nnx.State:
-    from jadapters.nnx.mixins import AdapterModuleMixin
-
-    base = nnx.state(model, nnx.Param)
-    pure = base.to_pure_dict()
-    for path, node in nnx.iter_graph(model):
-        if not isinstance(node, AdapterModuleMixin) or not node.is_adapter_available():
-            continue
-        entries = []
-        for spec, weight in chosen:
-            shell = node.get_adapter_module(spec.name)
-            if shell is not None:
-                entries.append((spec, shell.param_values(), weight))
-        if not entries:
-            continue
-        layout = kernel_layout(node)
-        bias = getattr(node, "bias", None)
-        new_kernel, new_bias = _fold(
-            node.kernel[...], None if bias is None else bias[...], layout, entries
-        )
-        host = _get(pure, path)
-        host["kernel"] = new_kernel
-        if new_bias is not None:
-            host["bias"] = new_bias
-    merged = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(merged, pure)
-    return merged
+        base = view.host_base(path)
+        if "kernel" not in base:
+            raise ValueError(
+                f"host {path!r} has no kernel to fold adapters {[s.name for s, _, _ in entries]} "
+                "into; merge adapters of Dense-like hosts only."
+            )
+        layout = layouts.get(path) or _inferred_layout(path, base["kernel"], entries)
+        kernel, bias = _fold(base["kernel"], base.get("bias"), layout, entries)
+        new[path] = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+    return view.replace_base(new)
 
 
 def merge_adapters(
@@ -244,16 +183,6 @@ def merge_adapters(
     >>> bool(jnp.allclose(base.apply({"params": merged}, x), adapted.apply(variables, x)))
     True
     """
-    if isinstance(model, AdaptedLinen):
-        if variables is None:
-            raise ValueError("variables must be given to merge a Linen model; got None.")
-        chosen = _select(list(model.adapters), names, weights)
-        layouts = None if inputs is None else model.kernel_layouts(variables, *inputs)
-        return _merge_linen(model, variables, chosen, layouts)
-    if isinstance(model, nnx.Module) and hasattr(model, "get_adapter_specs"):
-        chosen = _select(list(model.get_adapter_specs()), names, weights)
-        return _merge_nnx(model, chosen)
-    raise ValueError(
-        f"model must be an adapted Linen or NNX model (see adapter_transform), got "
-        f"{type(model).__name__}."
-    )
+    view = view_of(model, variables)
+    chosen = _select(list(view.specs()), names, weights)
+    return _merge(view, chosen, inputs)

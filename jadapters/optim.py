@@ -16,28 +16,8 @@ from typing import Any
 
 import jax
 import optax
-from flax import nnx
 
-from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen, adapter_of
-
-TRAINABLE = "adapters"
-FROZEN = "frozen"
-
-
-def _linen_labels(adapted: AdaptedLinen, variables: dict) -> dict:
-    enabled = set(adapted.get_enabled_adapters())
-    names = set(adapted.adapters.names())
-
-    def label_collection(name: str, tree: Any) -> Any:
-        if name != ADAPTER_COLLECTION:
-            return jax.tree.map(lambda _: FROZEN, tree)
-
-        def label(path, _):
-            return TRAINABLE if adapter_of(path, names) in enabled else FROZEN
-
-        return jax.tree_util.tree_map_with_path(label, tree)
-
-    return {name: label_collection(name, tree) for name, tree in variables.items()}
+from jadapters.view import FROZEN, TRAINABLE, view_of
 
 
 def trainable_mask(model: Any, variables: Any = None) -> Any:
@@ -46,7 +26,7 @@ def trainable_mask(model: Any, variables: Any = None) -> Any:
     Args:
       model: an adapted Linen model (then give its full ``variables``), or an adapted NNX
         model (then the mask is over ``nnx.state(model, nnx.Param, jadapters.AdapterParam)``
-        and ``variables`` is ignored).
+        and ``variables`` must be ``None``).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> import jadapters
@@ -64,19 +44,7 @@ def trainable_mask(model: Any, variables: Any = None) -> Any:
 def param_labels(model: Any, variables: Any = None) -> Any:
     """Labels ``"adapters"``/``"frozen"`` for ``optax.multi_transform``; see
     :func:`trainable_mask` for the tree they cover."""
-    if isinstance(model, AdaptedLinen):
-        if variables is None:
-            raise ValueError("variables must be given for a Linen model; got None.")
-        return _linen_labels(model, variables)
-    if isinstance(model, nnx.Module):
-        trainable = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
-        from jadapters.nnx.shell import AdapterParam
-
-        state = nnx.state(model, nnx.Any(nnx.Param, AdapterParam))
-        flat = nnx.to_flat_state(state)
-        labels = [(path, TRAINABLE if trainable(path, var) else FROZEN) for path, var in flat]
-        return nnx.from_flat_state(labels).to_pure_dict()
-    raise ValueError(f"model must be an adapted Linen or NNX model, got {type(model).__name__}.")
+    return view_of(model, variables).labels()
 
 
 def freeze_base(tx: optax.GradientTransformation, labels: Any) -> optax.GradientTransformation:

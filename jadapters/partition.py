@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jadapters.linen.transform import ADAPTER_COLLECTION, adapter_of
-from jadapters.nnx.shell import AdapterParam
+from jadapters.storage import ADAPTER_COLLECTION, AdapterParam
+from jadapters.view import view_of
 
 
 def split_variables(variables: dict) -> tuple[dict, dict]:
@@ -100,23 +100,12 @@ class AdapterSummary:
         return "\n".join(lines)
 
 
-def _flat(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def _flat(tree: Any) -> list[tuple[str, Any]]:
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        out.append(((prefix + "/" if prefix else "") + "/".join(keys), leaf))
+        out.append(("/".join(keys), leaf))
     return out
-
-
-def _adapter_leaves(model: Any, variables: Any) -> tuple[list[tuple[str, Any]], Any, Any]:
-    if isinstance(model, nnx.Module):
-        adapters = nnx.state(model, AdapterParam)
-        base = nnx.state(model, nnx.Param)
-        specs = model.get_adapter_specs()
-        leaves = _flat(jax.tree.map(lambda v: v, adapters.to_pure_dict()))
-        return leaves, base, specs
-    base, adapters = split_variables(variables)
-    return _flat(adapters), base.get("params", {}), model.adapters
 
 
 def summarize(model: Any, variables: Any = None) -> AdapterSummary:
@@ -124,28 +113,22 @@ def summarize(model: Any, variables: Any = None) -> AdapterSummary:
 
     Args:
       model: an adapted Linen model (pass its ``variables`` too) or adapted NNX model.
-      variables: the Linen model's variables; unused for NNX.
+      variables: the Linen model's variables; ``None`` for NNX.
+
+    Raises:
+      ValueError: for a model that is not adapted, or an adapter without weights.
     """
-    leaves, base, specs = _adapter_leaves(model, variables)
-    base_params, base_bytes = _count(base)
+    view = view_of(model, variables)
+    base_params, base_bytes = _count(view.base_params())
     rows = []
-    names = {spec.name for spec in specs}
-    owned = []
-    for p, x in leaves:
-        parts = p.split("/")
-        if "adapter_layer" in parts:  # NNX: host/adapter_layer/name/params/...
-            at = parts.index("adapter_layer")
-            owner, host = parts[at + 1], "/".join(parts[:at])
-        else:  # Linen: host/name/...
-            owner = adapter_of(parts, names)
-            host = "/".join(parts[: parts.index(owner)]) if owner else ""
-        owned.append((owner, host, p, x))
-    for spec in specs:
-        mine = [(p, x) for owner, _, p, x in owned if owner == spec.name]
-        hosts = []
-        for owner, host, _, _ in owned:
-            if owner == spec.name and host not in hosts:
-                hosts.append(host)
+    specs = list(view.specs())
+    for item in view.weights(specs):
+        spec = item.spec
+        mine = [
+            (f"{host}/{spec.name}/{p}" if host else f"{spec.name}/{p}", x)
+            for host, params in item.hosts.items()
+            for p, x in _flat(params)
+        ]
         params, nbytes = _count([x for _, x in mine])
         rows.append(
             AdapterSummaryRow(
@@ -154,7 +137,7 @@ def summarize(model: Any, variables: Any = None) -> AdapterSummary:
                 type=type(spec.cfg).__name__.removesuffix("Config"),
                 insertion=spec.insertion,
                 enabled=spec.enabled,
-                hosts=tuple(hosts),
+                hosts=tuple(item.hosts),
                 shapes=tuple((p, tuple(x.shape)) for p, x in mine),
                 params=params,
                 bytes=nbytes,

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from jadapters.registry import register_strategy
+
 __all__ = [
     "AdapterStrategy",
     "StrategyOutput",
@@ -69,6 +71,25 @@ def as_strategy_output(result: StrategyOutput | jax.Array) -> StrategyOutput:
 def requires_key(strategy: Any, training: bool) -> bool:
     """Whether ``strategy`` needs a PRNG key for this call."""
     return bool(training and getattr(strategy, "requires_key", False))
+
+
+def linear_factor(strategy: Any) -> float:
+    """The factor ``f`` with ``strategy(x, out) == x + f * out`` in evaluation, for merging.
+
+    Raises:
+      ValueError: for a strategy that is not such a sum (it cannot be folded into a kernel).
+
+    >>> linear_factor(ScaledAddStrategy(scale=0.5))
+    0.5
+    """
+    factor = getattr(strategy, "eval_factor", None)
+    if factor is None:
+        raise ValueError(
+            f"{type(strategy).__name__} cannot be folded into a kernel; only strategies that "
+            "add a fixed multiple of the adapter's output in evaluation (ResidualAddStrategy, "
+            "ScaledAddStrategy) merge."
+        )
+    return float(factor)
 
 
 def _check_unit_interval(name: str, value: float, *, closed: bool = True) -> None:
@@ -208,6 +229,9 @@ class ResidualAddStrategy:
     def requires_key(self) -> bool:
         return self.stochastic_depth > 0.0
 
+    # Stochastic depth acts in training only; evaluation is the plain sum.
+    eval_factor = 1.0
+
     def __call__(self, x, adapter_output, *, key=None, training=False) -> StrategyOutput:
         return residual_add(
             x,
@@ -232,6 +256,15 @@ class ScaledAddStrategy:
     scale: float = 1.0
     requires_key = False
 
+    @property
+    def eval_factor(self) -> float:
+        return self.scale
+
     def __call__(self, x, adapter_output, *, key=None, training=False) -> StrategyOutput:
         del key, training
         return StrategyOutput(scaled_add(x, adapter_output, scale=self.scale), None)
+
+
+register_strategy(ResidualAddStrategy)
+register_strategy(ReturnResultStrategy)
+register_strategy(ScaledAddStrategy)

@@ -28,8 +28,9 @@ import jax
 import optax
 from flax import nnx
 
-from jadapters.linen.transform import ADAPTER_COLLECTION, AdaptedLinen, adapter_of
 from jadapters.losses import AUX_LOSS_COLLECTION, AdapterLoss, total_auxiliary_loss
+from jadapters.storage import ADAPTER_COLLECTION
+from jadapters.view import TRAINABLE, view_of
 
 
 def _split_loss(out: Any) -> tuple[jax.Array, dict]:
@@ -39,18 +40,12 @@ def _split_loss(out: Any) -> tuple[jax.Array, dict]:
     return out, {}
 
 
-def _enabled_only(adapted: AdaptedLinen, adapters: Any) -> tuple[Any, Any]:
-    """Splits the adapter tree into (enabled leaves, disabled leaves) by adapter name."""
-    enabled = set(adapted.get_enabled_adapters())
-    names = set(adapted.adapters.names())
-
-    def is_enabled(path) -> bool:
-        return adapter_of(path, names) in enabled
-
-    trainable = jax.tree_util.tree_map_with_path(
-        lambda p, x: x if is_enabled(p) else None, adapters
-    )
-    frozen = jax.tree_util.tree_map_with_path(lambda p, x: None if is_enabled(p) else x, adapters)
+def _enabled_only(adapted: Any, adapters: Any) -> tuple[Any, Any]:
+    """Splits the adapter tree into (enabled leaves, disabled leaves); ``None`` elsewhere."""
+    view = view_of(adapted, {"params": {}, ADAPTER_COLLECTION: adapters})
+    labels = view.labels()[ADAPTER_COLLECTION]
+    trainable = jax.tree.map(lambda lab, x: x if lab == TRAINABLE else None, labels, adapters)
+    frozen = jax.tree.map(lambda lab, x: None if lab == TRAINABLE else x, labels, adapters)
     return trainable, frozen
 
 
@@ -71,7 +66,7 @@ class LinenTrainStep:
     ones pass through untouched.
     """
 
-    adapted: AdaptedLinen
+    adapted: Any
     loss_fn: Callable[..., Any]
     tx: optax.GradientTransformation
     compiled: Callable[..., Any]
@@ -86,7 +81,7 @@ class LinenTrainStep:
 
 
 def linen_train_step(
-    adapted: AdaptedLinen,
+    adapted: Any,
     loss_fn: Callable[..., Any],
     tx: optax.GradientTransformation,
     *,

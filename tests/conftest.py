@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-import jadapters.config  # noqa: E402
+import jadapters.registry  # noqa: E402
 
 settings.register_profile("jadapters", max_examples=25, deadline=None)
 settings.load_profile("jadapters")
@@ -65,10 +65,10 @@ def randomize():
 @pytest.fixture
 def restore_registry():
     """Restores the adapter and strategy registries after a test that registers types."""
-    adapters = dict(jadapters.config._ADAPTERS)
-    strategies = dict(jadapters.config._STRATEGIES)
+    adapters = dict(jadapters.registry._ADAPTERS)
+    strategies = dict(jadapters.registry._STRATEGIES)
     yield
-    jadapters.config._ADAPTERS.clear()
-    jadapters.config._ADAPTERS.update(adapters)
-    jadapters.config._STRATEGIES.clear()
-    jadapters.config._STRATEGIES.update(strategies)
+    jadapters.registry._ADAPTERS.clear()
+    jadapters.registry._ADAPTERS.update(adapters)
+    jadapters.registry._STRATEGIES.clear()
+    jadapters.registry._STRATEGIES.update(strategies)

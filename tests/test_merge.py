@@ -210,7 +210,7 @@ def test_unknown_names_raise(linen_setup, nnx_setup):
         jadapters.merge_adapters(adapted, variables, weights={"ia3x": 0.5})
     with pytest.raises(ValueError, match=r"unknown adapter name 'nope'"):
         jadapters.merge_adapters(nnx_setup[1], names="nope")
-    with pytest.raises(ValueError, match="variables must be given"):
+    with pytest.raises(ValueError, match="variables is required"):
         jadapters.merge_adapters(adapted)
     with pytest.raises(ValueError, match="must be an adapted Linen or NNX model"):
         jadapters.merge_adapters(nn.Dense(3), variables)

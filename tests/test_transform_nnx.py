@@ -538,4 +538,4 @@ def test_summarize(adapted):
     assert summary.base_params == sum(v.size for v in base_leaves)
     text = str(summary)
     assert f"total: {summary.adapter_params:,} adapter parameters" in text
-    assert "blocks/0/mlp/adapter_layer/m/params/down/kernel: (16, 4)" in text
+    assert "blocks/0/mlp/m/down/kernel: (16, 4)" in text

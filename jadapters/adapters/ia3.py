@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from jadapters import _checks
-from jadapters.adapters.base import AdapterConfig, adapter_fields
+from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
 
@@ -26,7 +27,7 @@ def ia3_delta(y: jax.Array, scale: jax.Array) -> jax.Array:
     return y * (scale - jnp.ones((), y.dtype))
 
 
-class IA3(nn.Module):
+class IA3(nn.Module, AdapterMath):
     """Rescales the host's output features by a learned vector ``l`` (ones at init).
 
     Joined after the host's output (``insertion="output"``): with the default residual
@@ -54,10 +55,34 @@ class IA3(nn.Module):
     adapter_strategy: Any = ResidualAddStrategy()
 
     default_insertion: ClassVar[str] = "output"
+    merge_insertion: ClassVar[str | None] = "output"
+    weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {"scale": ("features",)}
 
     def __post_init__(self):
         _check_ia3(**adapter_fields(self))
         super().__post_init__()
+
+    def fold(self, params, kernel, bias, layout, *, factor):
+        """Scales the kernel's (and bias's) last axis by ``1 + factor * (l - 1)``.
+
+        Raises:
+          ValueError: for an Einsum host whose output's last axis is not its kernel's last.
+        """
+        if layout.einsum_str is not None:
+            lhs, _, out = layout.einsum_str.partition("->")
+            kernel_subs = lhs.split(",")[1]
+            if not out or not kernel_subs or out[-1] != kernel_subs[-1]:
+                raise ValueError(
+                    f"scales the last output axis of einsum {layout.einsum_str!r}, which is not "
+                    "the kernel's last axis, so it cannot be folded into the kernel; keep it "
+                    "unmerged."
+                )
+        scale = 1.0 + factor * (params["scale"].astype(jnp.float32) - 1.0)
+        # Broadcast explicitly: rank promotion may be configured to raise.
+        kernel = kernel * scale.reshape((1,) * (kernel.ndim - 1) + (-1,))
+        if bias is not None:
+            bias = bias * scale.reshape((1,) * (bias.ndim - 1) + (-1,))
+        return kernel, bias
 
     @nn.compact
     def __call__(self, y: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -83,3 +108,6 @@ class IA3Config(AdapterConfig):
 
     def __post_init__(self):
         _check_ia3(**adapter_fields(self))
+
+
+register_adapter(IA3Config, IA3)

@@ -10,7 +10,8 @@ import jax
 
 from jadapters import _checks
 from jadapters._activations import check_activation, get_activation
-from jadapters.adapters.base import AdapterConfig, adapter_fields
+from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
 NORM_POSITIONS = ("pre", "post")
@@ -25,7 +26,7 @@ def _check_linear(dim, in_features, activation, norm_position, dropout, adapter_
     _checks.check_strategy(adapter_strategy)
 
 
-class LinearAdapter(nn.Module):
+class LinearAdapter(nn.Module, AdapterMath):
     """Bottleneck adapter: ``LayerNorm -> Dense(dim) -> act -> Dense(in)`` (``norm_position='pre'``)
     or ``Dense(dim) -> act -> Dense(in) -> LayerNorm`` (``'post'``), then dropout.
 
@@ -66,6 +67,12 @@ class LinearAdapter(nn.Module):
     adapter_strategy: Any = ResidualAddStrategy()
 
     default_insertion: ClassVar[str] = "output"
+    weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "norm/scale": ("features",),
+        "norm/bias": ("features",),
+        "down/kernel": ("features", "bottleneck"),
+        "up/kernel": ("bottleneck", "features"),
+    }
 
     def __post_init__(self):
         _check_linear(**adapter_fields(self))
@@ -123,3 +130,6 @@ class LinearAdapterConfig(AdapterConfig):
 
     def __post_init__(self):
         _check_linear(**adapter_fields(self))
+
+
+register_adapter(LinearAdapterConfig, LinearAdapter)

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jadapters import _checks
-from jadapters.adapters.base import AdapterConfig, adapter_fields
+from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
 A_INITS = ("he_uniform", "gaussian")
@@ -50,7 +51,7 @@ def _check_lora(rank, alpha, rslora, dropout, a_init, param_dtype, adapter_strat
     _checks.check_strategy(adapter_strategy)
 
 
-class LoRA(nn.Module):
+class LoRA(nn.Module, AdapterMath):
     """Low-rank adaptation of a host's kernel: ``W + scale * A @ B``.
 
     Joined with ``insertion="weight"`` (its default) to a Dense-like host (Linen ``Dense``,
@@ -94,6 +95,8 @@ class LoRA(nn.Module):
 
     default_insertion: ClassVar[str] = "weight"
     needs_out_features: ClassVar[bool] = True
+    merge_insertion: ClassVar[str | None] = "weight"
+    weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {"a": ("in", "rank"), "b": ("rank", "out")}
 
     def __post_init__(self):
         _check_lora(**adapter_fields(self))
@@ -118,6 +121,11 @@ class LoRA(nn.Module):
         """The kernel update ``scale * A @ B`` as a ``(in, out)`` matrix, from ``params``."""
         a, b = params["a"], params["b"]
         return (a @ b) * jnp.asarray(self.scale, a.dtype)
+
+    def fold(self, params, kernel, bias, layout, *, factor):
+        """``W + factor * scale * A @ B`` in the kernel's own shape (the bias is unchanged)."""
+        update = self.flat_update(params).astype(jnp.float32)
+        return kernel + factor * layout.to_kernel(update), bias
 
     @nn.compact
     def __call__(self, x, *, out_features: int, deterministic: bool = True) -> jax.Array:
@@ -145,3 +153,6 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self):
         _check_lora(**adapter_fields(self))
+
+
+register_adapter(LoRAConfig, LoRA)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from jadapters import _checks
 from jadapters._activations import check_activation, get_activation
-from jadapters.adapters.base import AdapterConfig, adapter_fields
+from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
 
@@ -26,7 +27,7 @@ def _check_parallel(dim, activation, scale, learn_scale, dropout, adapter_strate
     _checks.check_strategy(adapter_strategy)
 
 
-class ParallelAdapter(nn.Module):
+class ParallelAdapter(nn.Module, AdapterMath):
     """``scale * Dense(out) (act (Dense(dim) (x)))`` beside the host: ``y = host(x) + that``.
 
     Joined with ``insertion="parallel"`` (its default): it sees the host's *input* and its
@@ -60,6 +61,13 @@ class ParallelAdapter(nn.Module):
 
     default_insertion: ClassVar[str] = "parallel"
     needs_out_features: ClassVar[bool] = True
+    weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "down/kernel": ("in", "bottleneck"),
+        "down/bias": ("bottleneck",),
+        "up/kernel": ("bottleneck", "out"),
+        "up/bias": ("out",),
+        "scale": (),  # present only with learn_scale
+    }
 
     def __post_init__(self):
         _check_parallel(**adapter_fields(self))
@@ -92,3 +100,6 @@ class ParallelAdapterConfig(AdapterConfig):
 
     def __post_init__(self):
         _check_parallel(**adapter_fields(self))
+
+
+register_adapter(ParallelAdapterConfig, ParallelAdapter)

@@ -11,51 +11,18 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from flax import nnx
-
-from jadapters.checkpoint import _linen, _nnx, arrays, store
+from jadapters.checkpoint import arrays, store
 from jadapters.checkpoint import metadata as md
-from jadapters.linen.transform import AdaptedLinen
-from jadapters.nnx.mixins import AdapterModelMixin
+from jadapters.checkpoint.fingerprint import compare as compare_fingerprint
+from jadapters.view import AdapterView, AdapterWeights, requested_names, view_of
 
 NameLike = str | Sequence[str] | None
-
-
-def _kind(model: Any, variables: Any) -> str:
-    if isinstance(model, AdaptedLinen):
-        if variables is None:
-            raise ValueError(
-                "variables is required for a Linen model: pass the AdaptedLinen's variables "
-                "(at least {'params': ..., 'adapters': ...})."
-            )
-        return "linen"
-    if isinstance(model, nnx.Module) and isinstance(model, AdapterModelMixin):
-        if variables is not None:
-            raise ValueError(
-                "variables must be None for an NNX model, which holds its own weights; got "
-                f"{type(variables).__name__}."
-            )
-        return "nnx"
-    raise ValueError(
-        "model must be an adapted model from jadapters.adapter_transform (an AdaptedLinen, or "
-        f"an NNX model with AdapterModelMixin), got {type(model).__name__}."
-    )
-
-
-def _requested(name: NameLike) -> list[str] | None:
-    if name is None:
-        return None
-    if isinstance(name, str):
-        return [name]
-    if isinstance(name, Sequence) and all(isinstance(n, str) for n in name) and name:
-        return list(dict.fromkeys(name))
-    raise ValueError(f"name must be None, an adapter name or a list of names, got {name!r}.")
 
 
 def _select(available: Sequence[tuple[str, str]], name: NameLike, where: str) -> list[str]:
     """Exact-name selection from ``[(name, group), ...]``; ``"group:name"`` checks the group."""
     groups = dict(available)
-    requested = _requested(name)
+    requested = requested_names(name)
     if requested is None:
         return [n for n, _ in available]
     out = []
@@ -76,17 +43,46 @@ def _select(available: Sequence[tuple[str, str]], name: NameLike, where: str) ->
 
 
 def _collect(model: Any, variables: Any, name: NameLike):
-    kind = _kind(model, variables)
-    specs = model.adapters if kind == "linen" else model.get_adapter_specs()
+    view = view_of(model, variables)
+    specs = view.specs()
     if not len(specs):
         raise ValueError("the model has no adapters to save; add one with add_adapter first.")
     names = _select([(s.name, s.group) for s in specs], name, "the model")
-    chosen = [s for s in specs if s.name in names]
-    if kind == "linen":
-        adapters, fingerprint = _linen.collect(model, variables, chosen)
-    else:
-        adapters, fingerprint = _nnx.collect(model, chosen)
-    return kind, adapters, fingerprint
+    chosen = view.weights([s for s in specs if s.name in names])
+    fingerprint = {host: view.host_base(host) for item in chosen for host in item.hosts}
+    return view, [(item.spec, dict(item.hosts)) for item in chosen], fingerprint
+
+
+def _check(view: AdapterView, entries, fingerprint, *, replace: bool, check_base: bool) -> None:
+    """Raises ``ValueError`` if ``entries`` cannot go into the viewed model (nothing changes)."""
+    groups = view.groups()
+    existing = view.specs()
+    for entry in entries:
+        if entry.group not in groups:
+            raise ValueError(
+                f"adapter {entry.name!r} belongs to adapter module {entry.group!r}, which this "
+                f"model does not have; its modules are {groups}. Adapt the model with that "
+                "group in adapter_transform's targets."
+            )
+        if existing.get(entry.name) is not None and not replace:
+            raise ValueError(
+                f"adapter {entry.name!r} already exists in the model; pass replace=True to "
+                "overwrite it or remove it first."
+            )
+        view.check_hosts(entry.spec(), [h.path for h in entry.hosts])
+    if check_base:
+        for host, saved in fingerprint.items():
+            try:
+                current = view.host_base(host)
+            except KeyError:
+                current = None
+            if not current and saved:
+                raise ValueError(
+                    f"the base does not match the checkpoint: it has no parameters at host "
+                    f"{host!r}, where the checkpoint's base has "
+                    f"{[('/'.join(i.path), i.shape) for i in saved]}."
+                )
+            compare_fingerprint(host, saved, md.describe_leaves(current or {}, checksums=False))
 
 
 def save_adapters(path: str, model: Any, variables: Any = None, *, name: NameLike = None) -> str:
@@ -125,8 +121,8 @@ def save_adapters(path: str, model: Any, variables: Any = None, *, name: NameLik
     >>> fresh.get_enabled_adapters()
     ['task']
     """
-    kind, adapters, fingerprint = _collect(model, variables, name)
-    meta = md.build_metadata(adapters, fingerprint, framework=kind, checksums=True)
+    view, adapters, fingerprint = _collect(model, variables, name)
+    meta = md.build_metadata(adapters, fingerprint, framework=view.framework, checksums=True)
     return store.write(path, meta, {spec.name: hosts for spec, hosts in adapters})
 
 
@@ -142,8 +138,9 @@ def adapter_metadata(model: Any, variables: Any = None, *, name: NameLike = None
     Returns:
       A JSON-ready dict.
     """
-    kind, adapters, fingerprint = _collect(model, variables, name)
-    return md.to_json(md.build_metadata(adapters, fingerprint, framework=kind, checksums=False))
+    view, adapters, fingerprint = _collect(model, variables, name)
+    meta = md.build_metadata(adapters, fingerprint, framework=view.framework, checksums=False)
+    return md.to_json(meta)
 
 
 def read_adapter_metadata(path: str) -> dict:
@@ -184,7 +181,7 @@ def load_adapters(
     replace: bool = False,
     shardings: Any = None,
     check_base: bool = True,
-    rngs: nnx.Rngs | None = None,
+    rngs: Any = None,
 ) -> Any:
     """Loads adapters saved by :func:`save_adapters` into ``model``.
 
@@ -217,12 +214,11 @@ def load_adapters(
         ``replace``), or a base that does not match the fingerprint (naming the host path and
         both shapes). The model is unchanged then.
     """
-    kind = _kind(model, variables)
+    view = view_of(model, variables)
     where, meta = store.read_metadata(path)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
     entries = [meta.get(n) for n in names]
     hosts = list(dict.fromkeys(h.path for e in entries for h in e.hosts))
-    fingerprint = {p: meta.fingerprint.get(p, ()) for p in hosts}
     if check_base:
         unknown = [p for p in hosts if p not in meta.fingerprint]
         if unknown:
@@ -230,12 +226,7 @@ def load_adapters(
                 "adapter checkpoint metadata is malformed: no base fingerprint for hosts "
                 f"{unknown}."
             )
-    if kind == "linen":
-        _linen.check(model, variables, entries, fingerprint, replace=replace, check_base=check_base)
-    else:
-        _nnx.check(model, entries, fingerprint, replace=replace, check_base=check_base)
+    fingerprint = {p: meta.fingerprint.get(p, ()) for p in hosts}
+    _check(view, entries, fingerprint, replace=replace, check_base=check_base)
     loaded = arrays.read_arrays(where, meta, names, shardings)
-    if kind == "linen":
-        return _linen.insert(model, variables, entries, loaded)
-    _nnx.insert(model, entries, loaded, rngs=rngs if rngs is not None else nnx.Rngs(0, dropout=0))
-    return model
+    return view.insert([AdapterWeights(e.spec(), loaded[e.name]) for e in entries], rngs=rngs)

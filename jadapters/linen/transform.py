@@ -23,13 +23,13 @@ from jadapters._adapter_set import (
     check_insertion,
     split_qualified_name,
 )
-from jadapters._chain import apply_adapter, apply_weight_adapter
-from jadapters.config import build_adapter, config_of
 from jadapters.kernels import kernel_layout
+from jadapters.linen.view import LinenView
 from jadapters.losses import AUX_LOSS_COLLECTION
+from jadapters.registry import build_adapter, config_of
+from jadapters.runtime import run_host
+from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.targets import Target, path_str, unmatched_error
-
-ADAPTER_COLLECTION = "adapters"
 
 
 def _add(a, b):
@@ -126,6 +126,10 @@ class AdaptedLinen(nn.Module):
     def get_adapter_cfg(self, name: str) -> Any:
         spec = self.adapters.get(name)
         return None if spec is None else spec.cfg
+
+    def adapter_view(self, variables: Any) -> LinenView:
+        """The :class:`~jadapters.view.AdapterView` of this model with its ``variables``."""
+        return LinenView(self, variables)
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -236,42 +240,6 @@ class AdaptedLinen(nn.Module):
                     raise unmatched_error(rule, group, paths)
 
 
-def adapter_of(path: Any, names: Any) -> str | None:
-    """The adapter owning a leaf at ``path`` in the ``"adapters"`` collection, or ``None``.
-
-    The collection is ``{host path...: {adapter name: params}}``; the first key from the root
-    that names an adapter is the owner (``init`` rejects adapter names that equal a module
-    name on a host path, so a host component never passes for an adapter).
-    """
-    for key in path:
-        key = getattr(key, "key", key)
-        if key in names:
-            return key
-    return None
-
-
-def adapter_subtrees(adapters: Any, names: Any) -> dict[str, dict[str, Any]]:
-    """``{adapter name: {host path: params}}`` of the ``"adapters"`` collection.
-
-    The first key from the root that names an adapter owns its subtree, the rule of
-    :func:`adapter_of`.
-
-    >>> adapter_subtrees({"blocks_0": {"mlp": {"task": {"w": 1}}}}, {"task"})
-    {'task': {'blocks_0/mlp': {'w': 1}}}
-    """
-    found: dict[str, dict[str, Any]] = {}
-
-    def walk(node: Any, prefix: tuple[str, ...]) -> None:
-        for key, value in node.items():
-            if key in names:
-                found.setdefault(key, {})[path_str(prefix)] = value
-            elif hasattr(value, "items"):
-                walk(value, (*prefix, str(key)))
-
-    walk(adapters, ())
-    return found
-
-
 def _host_path(module: nn.Module) -> str:
     """Where ``module``'s variables live: its scope names up from the root.
 
@@ -306,81 +274,52 @@ def _recorder(seen):
     return record
 
 
-def _adapter_params(module: nn.Module, path: str, spec: AdapterSpec, adapter, sample, **kwargs):
-    scope = module.scope
-    if scope.has_variable(ADAPTER_COLLECTION, spec.name):
-        return scope.get_variable(ADAPTER_COLLECTION, spec.name)
-    if not scope.is_mutable_collection(ADAPTER_COLLECTION):
-        if _in_lifted_transform(module):
+@dataclasses.dataclass
+class _LinenIO:
+    """The runtime's view of one Linen host call: weights in the host's ``"adapters"``
+    collection (created at ``init``), keys from the ``"dropout"`` stream."""
+
+    module: nn.Module
+    path: str
+
+    @property
+    def creates_weights(self) -> bool:
+        return self.module.scope.is_mutable_collection(ADAPTER_COLLECTION)
+
+    def weights(self, spec: AdapterSpec, adapter: Any, sample: Any, out_features) -> Any:
+        scope = self.module.scope
+        if scope.has_variable(ADAPTER_COLLECTION, spec.name):
+            return scope.get_variable(ADAPTER_COLLECTION, spec.name)
+        if not scope.is_mutable_collection(ADAPTER_COLLECTION):
+            if _in_lifted_transform(self.module):
+                raise ValueError(
+                    f"adapter {spec.name!r} cannot create weights at host {self.path!r}: the "
+                    "host runs inside a lifted transform (nn.scan, nn.vmap) that does not carry "
+                    "the 'adapters' collection. Adapters inside nn.scan/nn.vmap layer stacks "
+                    "are not supported; target modules outside the stack."
+                )
             raise ValueError(
-                f"adapter {spec.name!r} cannot create weights at host {path!r}: the host runs "
-                "inside a lifted transform (nn.scan, nn.vmap) that does not carry the "
-                "'adapters' collection. Adapters inside nn.scan/nn.vmap layer stacks are not "
-                "supported; target modules outside the stack."
+                f"adapter {spec.name!r} has no weights at host {self.path!r}: it was added after "
+                "the variables were created. Call adapted.init_adapters(rng, variables, "
+                "*inputs) first."
             )
-        raise ValueError(
-            f"adapter {spec.name!r} has no weights at host {path!r}: it was added after the "
-            "variables were created. Call adapted.init_adapters(rng, variables, *inputs) first."
-        )
-    rng = module.make_rng("params")
-    params = adapter.init(rng, jnp.zeros_like(sample), **kwargs)["params"]
-    scope.put_variable(ADAPTER_COLLECTION, spec.name, params)
-    return params
+        kwargs = {} if out_features is None else {"out_features": out_features}
+        zeros = jnp.zeros(sample.shape, sample.dtype)
+        params = adapter.init(self.module.make_rng("params"), zeros, **kwargs)["params"]
+        scope.put_variable(ADAPTER_COLLECTION, spec.name, params)
+        return params
 
+    def key(self, spec: AdapterSpec) -> jax.Array | None:
+        return self.module.make_rng("dropout") if self.module.has_rng("dropout") else None
 
-def _run_one(module, path, spec, x, stream, adapter_train):
-    adapter = build_adapter(spec.cfg)
-    key = module.make_rng("dropout") if adapter_train and module.has_rng("dropout") else None
-    if spec.insertion == "weight":
-        kernel = module.scope.get_variable("params", "kernel")
-        layout = kernel_layout(module, None if kernel is None else tuple(kernel.shape))
-        sample = jnp.zeros((1, layout.in_features), x.dtype)
-        params = _adapter_params(
-            module, path, spec, adapter, sample, out_features=layout.out_features
-        )
-        if not spec.enabled:
-            return stream
-        result = apply_weight_adapter(
-            adapter, {"params": params}, x, stream, layout, training=adapter_train, key=key
-        )
-    else:
-        kwargs = (
-            {"out_features": stream.shape[-1]}
-            if getattr(adapter, "needs_out_features", False)
-            else {}
-        )
-        params = _adapter_params(module, path, spec, adapter, x, **kwargs)
-        if not spec.enabled:
-            return stream
-        result = apply_adapter(
-            adapter, {"params": params}, x, stream=stream, training=adapter_train, key=key
-        )
-    if result.aux_loss is not None:
-        module.sow(AUX_LOSS_COLLECTION, spec.name, result.aux_loss, reduce_fn=_add, init_fn=_zero)
-    return result.output
+    def layout(self):
+        kernel = self.module.scope.get_variable("params", "kernel")
+        return kernel_layout(self.module, None if kernel is None else tuple(kernel.shape))
 
 
 def _run_host(module, path, specs, next_fun, args, kwargs, adapter_train):
-    if not args:
-        raise ValueError(
-            f"adapters at host {path!r} need the host's input as its first positional argument."
-        )
-    x = args[0]
-    for spec in specs:
-        if spec.insertion == "input":
-            x = _run_one(module, path, spec, x, x, adapter_train)
-    y = next_fun(x, *args[1:], **kwargs)
-    if not isinstance(y, jax.Array):
-        raise ValueError(
-            f"host {path!r} returns {type(y).__name__}, not an array; target a submodule whose "
-            "output is a single array."
-        )
-    for spec in specs:  # weight adapters change the host itself, so they come first
-        if spec.insertion == "weight":
-            y = _run_one(module, path, spec, x, y, adapter_train)
-    for spec in specs:
-        if spec.insertion == "output":
-            y = _run_one(module, path, spec, y, y, adapter_train)
-        elif spec.insertion == "parallel":
-            y = _run_one(module, path, spec, x, y, adapter_train)
+    io = _LinenIO(module, path)
+    y, losses = run_host(next_fun, args, kwargs, specs, io, training=adapter_train)
+    for name, loss in losses.items():
+        module.sow(AUX_LOSS_COLLECTION, name, loss, reduce_fn=_add, init_fn=_zero)
     return y

@@ -24,9 +24,12 @@ from jadapters._adapter_set import (
     check_insertion,
     split_qualified_name,
 )
-from jadapters.config import build_adapter, config_of
 from jadapters.kernels import kernel_layout
-from jadapters.nnx.shell import AdapterParam, NNXAdapter
+from jadapters.nnx.shell import NNXAdapter
+from jadapters.nnx.view import NNXView
+from jadapters.registry import build_adapter, config_of
+from jadapters.runtime import run_host, run_stage
+from jadapters.storage import NNX_ADAPTER_ATTR, AdapterParam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,7 @@ def _enabled_filter(root: nnx.Module) -> AdapterFilter:
     for path, node in nnx.iter_graph(root):
         if isinstance(node, AdapterModuleMixin):
             for name in node.get_enabled_adapters():
-                prefixes.append(tuple(path) + ("adapter_layer", name))
+                prefixes.append((*path, NNX_ADAPTER_ATTR, name))
     return AdapterFilter(tuple(prefixes))
 
 
@@ -95,6 +98,39 @@ def _check_not_stacked(host: Any) -> None:
                 "with nnx.scan); adapters on scanned layer stacks are not supported. Target "
                 "modules outside the stack."
             )
+
+
+class _NNXHostIO:
+    """The runtime's view of one NNX host: weights in its ``adapter_layer`` shells, keys from
+    each shell's ``dropout`` stream, the mode from ``model.train()``/``eval()``."""
+
+    creates_weights = False
+
+    def __init__(self, host: Any):
+        self.host = host
+        self.path = type(host).__name__
+
+    def _shell(self, spec: AdapterSpec) -> NNXAdapter:
+        return getattr(self.host, NNX_ADAPTER_ATTR)[spec.name]
+
+    def weights(self, spec, adapter, sample, out_features):
+        return self._shell(spec).param_values()
+
+    def key(self, spec):
+        return self._shell(spec).next_key()
+
+    def layout(self):
+        return kernel_layout(self.host)
+
+    def training(self, specs) -> bool:
+        return any(not self._shell(s).deterministic for s in specs)
+
+    def record(self, losses) -> None:
+        for name, loss in losses.items():
+            self.host_shell(name).record_loss(loss)
+
+    def host_shell(self, name: str) -> NNXAdapter:
+        return getattr(self.host, NNX_ADAPTER_ATTR)[name]
 
 
 def _bare(name: str) -> str:
@@ -272,20 +308,12 @@ class AdapterModuleMixin:
 
     def forward_input_adapters(self, x: jax.Array) -> jax.Array:
         """Runs the enabled ``input`` adapters on the host's input, in order."""
-        for spec in self._adapter_set().enabled():
-            if spec.insertion == "input":
-                x = self.adapter_layer[spec.name](x).output
-        return x
+        return self._run_stage(("input",), x, None)
 
     def forward_weight_adapters(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """Joins the enabled ``weight`` adapters' (LoRA) updates, fed the host's input ``x``,
         to the host's output ``y``."""
-        specs = [s for s in self._adapter_set().enabled() if s.insertion == "weight"]
-        if specs:
-            layout = kernel_layout(self)
-            for spec in specs:
-                y = self.adapter_layer[spec.name](x, stream=y, layout=layout).output
-        return y
+        return self._run_stage(("weight",), x, y)
 
     def forward_enabled_adapters(self, x: jax.Array, *, host_input: jax.Array | None = None):
         """Runs the enabled ``output`` and ``parallel`` adapters as a chain (NeMo's forward).
@@ -296,17 +324,32 @@ class AdapterModuleMixin:
         Raises:
           ValueError: if a parallel adapter is enabled and ``host_input`` is not given.
         """
-        for spec in self._adapter_set().enabled():
-            if spec.insertion == "output":
-                x = self.adapter_layer[spec.name](x).output
-            elif spec.insertion == "parallel":
-                if host_input is None:
+        if host_input is None:
+            for spec in self._adapter_set().enabled():
+                if spec.insertion == "parallel":
                     raise ValueError(
                         f"adapter {spec.name!r} is parallel and needs the host's input: call "
                         "forward_enabled_adapters(output, host_input=input)."
                     )
-                x = self.adapter_layer[spec.name](host_input, stream=x).output
-        return x
+        return self._run_stage(("output", "parallel"), x if host_input is None else host_input, x)
+
+    def _run_stage(self, insertions, x, y):
+        specs = self._adapter_set().enabled()
+        losses: dict[str, jax.Array] = {}
+        io = _NNXHostIO(self)
+        out = run_stage(insertions, specs, io, x, y, training=io.training(specs), losses=losses)
+        io.record(losses)
+        return out
+
+    def _run_host(self, call, args, kwargs):
+        """Runs the host method ``call`` with its enabled adapters (the adapted class's hook)."""
+        specs = self._adapter_set().enabled()
+        if not specs:
+            return call(*args, **kwargs)
+        io = _NNXHostIO(self)
+        y, losses = run_host(call, args, kwargs, specs, io, training=io.training(specs))
+        io.record(losses)
+        return y
 
     def unfreeze_enabled_adapters(self, freeze_batchnorm: bool = True) -> AdapterFilter:
         """The trainable filter: exactly the enabled adapters' :class:`AdapterParam` variables.
@@ -415,6 +458,11 @@ class AdapterModelMixin:
     def get_enabled_adapters(self) -> list[str]:
         """Names of the enabled adapters across all modules, in the order they were added."""
         return self._model_adapter_set().enabled_names()
+
+    def adapter_view(self, variables: Any = None) -> NNXView:
+        """The :class:`~jadapters.view.AdapterView` of this model (``variables`` must be
+        ``None``: the model holds its own weights)."""
+        return NNXView(self, variables)
 
     def get_adapter_specs(self) -> AdapterSet:
         """Every adapter's name, group, config, insertion and enabled state."""

@@ -1,4 +1,4 @@
-"""NNX shell: holds a Linen adapter's parameters as :class:`AdapterParam` variables."""
+"""NNX shell: holds a Linen adapter's parameters as :class:`~jadapters.AdapterParam` variables."""
 
 from __future__ import annotations
 
@@ -9,31 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jadapters._chain import apply_adapter, apply_weight_adapter
-from jadapters.config import build_adapter, config_of
 from jadapters.kernels import KernelLayout
 from jadapters.losses import AdapterLoss
-from jadapters.strategies import StrategyOutput, requires_key
-
-
-class AdapterParam(nnx.Variable):
-    """The NNX variable type of every adapter weight.
-
-    It deliberately does **not** subclass ``nnx.Param``: ``nnx.state(model, nnx.Param)`` is
-    exactly the base model's parameters and ``nnx.state(model, AdapterParam)`` exactly the
-    adapters'. (Flax's own ``nnx.LoRAParam`` subclasses ``nnx.Param``, so a ``nnx.Param``
-    filter also catches it; ours never mixes the two partitions.)
-
-    >>> from flax import nnx
-    >>> import jadapters
-    >>> model = jadapters.adapter_transform(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))),
-    ...                                     "layers/0")
-    >>> model.add_adapter("task", jadapters.IA3Config(), rngs=nnx.Rngs(1))
-    >>> [v.shape for v in jax.tree.leaves(nnx.state(model, AdapterParam))]
-    [(2,)]
-    >>> len(jax.tree.leaves(nnx.state(model, nnx.Param)))  # the base: kernel and bias
-    2
-    """
+from jadapters.registry import build_adapter, config_of
+from jadapters.runtime import needs_key, run_adapter
+from jadapters.storage import AdapterParam
+from jadapters.strategies import StrategyOutput
 
 
 def _is_variable(x: Any) -> bool:
@@ -118,31 +99,30 @@ class NNXAdapter(nnx.Module):
         """
         training = not self.deterministic
         module = self.module
-        needs_key = getattr(module, "dropout", 0.0) > 0.0 or requires_key(
-            module.adapter_strategy, training
+        result = run_adapter(
+            module,
+            self.param_values(),
+            x,
+            stream=stream,
+            training=training,
+            key=self.next_key() if needs_key(module, training) else None,
+            out_features=self.out_features,
+            layout=layout,
         )
-        key = self.rngs() if training and needs_key and self.rngs is not None else None
-        variables = {"params": self.param_values()}
-        if layout is not None:
-            result = apply_weight_adapter(
-                module, variables, x, stream, layout, training=training, key=key
-            )
-        else:
-            result = apply_adapter(
-                module,
-                variables,
-                x,
-                stream=stream,
-                training=training,
-                key=key,
-                out_features=self.out_features,
-            )
         if result.aux_loss is not None:
-            self.sow(
-                AdapterLoss,
-                "aux_loss",
-                result.aux_loss,
-                reduce_fn=lambda a, b: a + b,
-                init_fn=lambda: jnp.zeros((), jnp.float32),
-            )
+            self.record_loss(result.aux_loss)
         return result
+
+    def next_key(self) -> jax.Array | None:
+        """A fresh key from the adapter's ``dropout`` stream, or ``None`` without one."""
+        return self.rngs() if self.rngs is not None else None
+
+    def record_loss(self, loss: jax.Array) -> None:
+        """Adds ``loss`` to this adapter's :class:`~jadapters.AdapterLoss` of the forward."""
+        self.sow(
+            AdapterLoss,
+            "aux_loss",
+            loss,
+            reduce_fn=lambda a, b: a + b,
+            init_fn=lambda: jnp.zeros((), jnp.float32),
+        )

@@ -25,17 +25,7 @@ _MODEL_CLASSES: dict[type, type] = {}
 def _wrap_method(original):
     @functools.wraps(original)
     def method(self, *args, **kwargs):
-        if not self.get_enabled_adapters():
-            return original(self, *args, **kwargs)
-        if not args:
-            raise ValueError(
-                f"adapters on {type(self).__name__} need the host's input as its first "
-                "positional argument."
-            )
-        x = self.forward_input_adapters(args[0])
-        y = original(self, x, *args[1:], **kwargs)
-        y = self.forward_weight_adapters(x, y)
-        return self.forward_enabled_adapters(y, host_input=x)
+        return self._run_host(functools.partial(original, self), args, kwargs)
 
     return method
 

@@ -1,0 +1,281 @@
+"""The adapter runtime: the one place that runs adapters around a host call.
+
+Both front-ends call :func:`run_host` from their interception point (Linen: a method
+interceptor; NNX: the adapted host class's wrapped method). What differs between them is only
+where weights live and where keys come from; they pass that in as a :class:`HostIO`. The
+runtime owns everything else, once:
+
+* the insertion order: ``input`` adapters before the host, then ``weight`` adapters (they
+  change the host itself), then ``output`` and ``parallel`` adapters in chain order;
+* what each adapter is fed (a parallel adapter sees the host's input and joins its output; a
+  weight adapter sees the host's input through the host's kernel layout);
+* PRNG keys: drawn only for an adapter that needs one in training (dropout or a strategy with
+  ``requires_key``), then split between the adapter's dropout and its strategy;
+* the strategy that joins each adapter's output to the stream, and the auxiliary losses.
+
+Disabled adapters are visited for their weights only (Linen creates them at ``init``) and add
+nothing to the computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jadapters._adapter_set import AdapterSpec
+from jadapters.kernels import KernelLayout
+from jadapters.registry import build_adapter
+from jadapters.strategies import StrategyOutput, as_strategy_output, requires_key
+
+
+class HostIO(Protocol):
+    """What a front-end provides for one host call: where weights and keys come from."""
+
+    path: str
+    creates_weights: bool  # visit disabled adapters too, so their weights get created
+
+    def weights(
+        self, spec: AdapterSpec, adapter: Any, sample: jax.ShapeDtypeStruct, out_features
+    ) -> Any:
+        """The adapter's params; a front-end that creates weights lazily initializes them on
+        zeros of ``sample``'s shape and dtype (with ``out_features`` where the type needs it)."""
+
+    def key(self, spec: AdapterSpec) -> jax.Array | None:
+        """A fresh PRNG key for the adapter, or ``None`` where no stream is available."""
+
+    def layout(self) -> KernelLayout:
+        """The host's kernel layout, for weight adapters."""
+
+
+def needs_key(module: Any, training: bool) -> bool:
+    """Whether adapter ``module`` draws randomness in this call."""
+    if not training:
+        return False
+    return getattr(module, "dropout", 0.0) > 0.0 or requires_key(module.adapter_strategy, True)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str) -> jax.Array:
+    if key is None:
+        raise ValueError(
+            f"{name} has dropout={rate} and needs a PRNG key in training, got key=None. Pass a "
+            "'dropout' PRNG stream or evaluate with training off."
+        )
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def run_adapter(
+    module: Any,
+    params: Any,
+    x: jax.Array,
+    *,
+    stream: jax.Array | None = None,
+    training: bool = False,
+    key: jax.Array | None = None,
+    out_features: int | None = None,
+    layout: KernelLayout | None = None,
+) -> StrategyOutput:
+    """Runs one adapter on ``x`` and joins its output to ``stream`` by its strategy.
+
+    Args:
+      module: a Linen adapter module (e.g. :class:`jadapters.LinearAdapter`).
+      params: its parameters.
+      x: the adapter's input.
+      stream: the value its output joins; ``x`` when ``None`` (sequential adapters).
+      training: turns on dropout and the strategy's training behaviour.
+      key: PRNG key for dropout and stochastic depth; split between them.
+      out_features: output width for adapters whose ``needs_out_features`` is set; the
+        stream's last axis by default.
+      layout: the host's kernel layout, for a weight adapter (LoRA). ``stream`` is then the
+        host's output and ``x`` its input.
+    """
+    stream = x if stream is None else stream
+    name = type(module).__name__
+    rate = getattr(module, "dropout", 0.0)
+    if training and rate > 0.0 and key is None:
+        _dropout(x, rate, None, name)  # raises the error that names the missing stream
+    dropout_key = strategy_key = None
+    if training and key is not None:
+        dropout_key, strategy_key = jax.random.split(key)
+    if layout is not None and layout.einsum_str is not None:
+        # An Einsum host runs its own equation on the materialized kernel update.
+        if training and rate > 0.0:
+            x = _dropout(x, rate, dropout_key, name)
+        update = layout.to_kernel(module.flat_update(params))
+        out = jnp.einsum(layout.einsum_str, x, update.astype(x.dtype))
+    else:
+        output_shape = None
+        if layout is not None:
+            x, batch = layout.flatten_input(x)
+            out_features, output_shape = layout.out_features, layout.output_shape(batch)
+        kwargs = {}
+        if getattr(module, "needs_out_features", False):
+            kwargs["out_features"] = stream.shape[-1] if out_features is None else out_features
+        rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+        out = module.apply({"params": params}, x, deterministic=not training, rngs=rngs, **kwargs)
+        if output_shape is not None:
+            out = out.reshape(output_shape)
+    if out.shape != stream.shape:
+        raise ValueError(
+            f"{name} produced shape {out.shape} but joins a stream of shape {stream.shape}; "
+            "target hosts whose output matches the adapter (a parallel adapter's output has "
+            "the host output's last axis only)."
+        )
+    strategy = module.adapter_strategy
+    if not requires_key(strategy, training):
+        strategy_key = None
+    return as_strategy_output(strategy(stream, out, key=strategy_key, training=training))
+
+
+def apply_adapter(
+    module: Any,
+    variables: Any,
+    x: jax.Array,
+    *,
+    stream: jax.Array | None = None,
+    training: bool = False,
+    key: jax.Array | None = None,
+    out_features: int | None = None,
+) -> StrategyOutput:
+    """Runs the adapter ``module`` on ``x`` and joins its output to ``stream`` by its strategy.
+
+    The public form of the runtime's single step, for using an adapter outside a model.
+
+    Args:
+      module: a Linen adapter module (e.g. :class:`jadapters.LinearAdapter`).
+      variables: its variables, ``{"params": ...}``.
+      x: the adapter's input.
+      stream: the value its output joins; ``x`` when ``None`` (sequential adapters). A
+        parallel adapter is fed the host's input as ``x`` and joins the host's output.
+      training: turns on dropout and the strategy's training behaviour.
+      key: PRNG key for dropout and stochastic depth; split between them.
+      out_features: output width, for adapters whose ``needs_out_features`` is set
+        (parallel adapters, LoRA).
+
+    Returns:
+      The strategy's :class:`~jadapters.StrategyOutput`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jadapters import LinearAdapter
+    >>> adapter = LinearAdapter(4)
+    >>> x = jnp.arange(8.0).reshape(1, 8)
+    >>> variables = adapter.init(jax.random.key(0), x)
+    >>> bool((apply_adapter(adapter, variables, x).output == x).all())
+    True
+    """
+    return run_adapter(
+        module,
+        variables["params"],
+        x,
+        stream=stream,
+        training=training,
+        key=key,
+        out_features=out_features,
+    )
+
+
+def _feed(spec: AdapterSpec, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(adapter input, stream)`` of a non-weight adapter at a host with input x, output y."""
+    if spec.insertion == "input":
+        return x, x
+    if spec.insertion == "parallel":
+        return x, y
+    return y, y
+
+
+def run_stage(
+    insertions: Sequence[str],
+    specs: Sequence[AdapterSpec],
+    io: HostIO,
+    x: jax.Array,
+    y: jax.Array | None,
+    *,
+    training: bool,
+    losses: dict[str, jax.Array],
+) -> jax.Array:
+    """Runs the adapters of ``specs`` whose insertion is in ``insertions``, in chain order.
+
+    ``x`` is the host's input and ``y`` its output (``None`` for the input stage). Returns
+    the new stream: the input for the input stage, else the output. Auxiliary losses are
+    added to ``losses`` by adapter name.
+    """
+    layout = None
+    for spec in specs:
+        if spec.insertion not in insertions or not (spec.enabled or io.creates_weights):
+            continue
+        module = build_adapter(spec.cfg)
+        if spec.insertion == "weight":
+            layout = layout or io.layout()
+            sample = jax.ShapeDtypeStruct((1, layout.in_features), x.dtype)
+            params = io.weights(spec, module, sample, layout.out_features)
+            inputs, stream = x, y
+        else:
+            inputs, stream = _feed(spec, x, y)
+            out_features = (
+                stream.shape[-1] if getattr(module, "needs_out_features", False) else None
+            )
+            sample = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)
+            params = io.weights(spec, module, sample, out_features)
+        if not spec.enabled:
+            continue
+        key = io.key(spec) if needs_key(module, training) else None
+        result = run_adapter(
+            module,
+            params,
+            inputs,
+            stream=stream,
+            training=training,
+            key=key,
+            layout=layout if spec.insertion == "weight" else None,
+        )
+        if result.aux_loss is not None:
+            losses[spec.name] = losses.get(spec.name, 0.0) + result.aux_loss
+        if spec.insertion == "input":
+            x = result.output
+        else:
+            y = result.output
+    return x if y is None else y
+
+
+def run_host(
+    call: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    specs: Sequence[AdapterSpec],
+    io: HostIO,
+    *,
+    training: bool,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs the host ``call(*args, **kwargs)`` with the adapters ``specs`` (chain order).
+
+    Args:
+      call: the host's original method.
+      args, kwargs: its arguments; the first positional argument is the host's input.
+      specs: the host's adapters in chain order; disabled ones only get their weights.
+      io: where weights, keys and the kernel layout come from.
+      training: the adapters' mode (dropout, stochastic depth, auxiliary losses).
+
+    Returns:
+      ``(output, {adapter name: auxiliary loss})``.
+
+    Raises:
+      ValueError: if the host has no positional input or does not return a single array.
+    """
+    if not args:
+        raise ValueError(
+            f"adapters at host {io.path!r} need the host's input as its first positional argument."
+        )
+    losses: dict[str, jax.Array] = {}
+    x = run_stage(("input",), specs, io, args[0], None, training=training, losses=losses)
+    y = call(x, *args[1:], **kwargs)
+    if not isinstance(y, jax.Array):
+        raise ValueError(
+            f"host {io.path!r} returns {type(y).__name__}, not an array; target a submodule "
+            "whose output is a single array."
+        )
+    y = run_stage(("weight",), specs, io, x, y, training=training, losses=losses)
+    y = run_stage(("output", "parallel"), specs, io, x, y, training=training, losses=losses)
+    return y, losses
