@@ -33,7 +33,6 @@ from jadapters.config import config_to_dict as config_to_dict
 from jadapters.config import config_to_json as config_to_json
 from jadapters.config import register_adapter as register_adapter
 from jadapters.config import register_strategy as register_strategy
-from jadapters.linen.transform import ADAPTER_COLLECTION as ADAPTER_COLLECTION
 from jadapters.linen.transform import AdaptedLinen as AdaptedLinen
 from jadapters.losses import AUX_LOSS_COLLECTION as AUX_LOSS_COLLECTION
 from jadapters.losses import AdapterLoss as AdapterLoss
@@ -53,6 +52,7 @@ from jadapters.partition import split_model as split_model
 from jadapters.partition import split_variables as split_variables
 from jadapters.partition import summarize as summarize
 from jadapters.runtime import apply_adapter as apply_adapter
+from jadapters.storage import ADAPTER_COLLECTION as ADAPTER_COLLECTION
 from jadapters.storage import AdapterParam as AdapterParam
 from jadapters.strategies import AdapterStrategy as AdapterStrategy
 from jadapters.strategies import ResidualAddStrategy as ResidualAddStrategy

@@ -21,10 +21,13 @@ NNX::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
@@ -134,37 +137,150 @@ def linen_train_step(
     return LinenTrainStep(adapted, loss_fn, tx, compiled)
 
 
+class _SameCode:
+    """A function compared by what it computes: its code, defaults and captured values.
+
+    ``optax.adam(1e-3)`` builds new closures each time, so two equal transformations compare
+    unequal and every ``nnx.Optimizer`` holding one (a static part of the NNX graph) forces a
+    new trace. Wrapped in this, equal transformations compare equal and share the compiled step.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _SameCode) and _same(self.fn, other.fn, 0)
+
+    def __hash__(self) -> int:
+        return hash(getattr(self.fn, "__code__", None))
+
+
+def _same(a: Any, b: Any, depth: int) -> bool:
+    if a is b:
+        return True
+    if depth > 32 or type(a) is not type(b):
+        return False
+    if isinstance(a, _SameCode):
+        return _same(a.fn, b.fn, depth + 1)
+    if isinstance(a, types.FunctionType):
+        cells = (
+            [c.cell_contents for c in a.__closure__ or ()],
+            [c.cell_contents for c in b.__closure__ or ()],
+        )
+        return (
+            a.__code__ is b.__code__
+            and _same(a.__defaults__, b.__defaults__, depth + 1)
+            and _same(a.__kwdefaults__, b.__kwdefaults__, depth + 1)
+            and _same(*cells, depth + 1)
+        )
+    if isinstance(a, functools.partial):
+        return _same((a.func, a.args, a.keywords), (b.func, b.args, b.keywords), depth + 1)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y, depth + 1) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], depth + 1) for k in a)
+    if isinstance(a, (bool, int, float, complex, str, bytes, type(None))):
+        return a == b
+    if isinstance(a, (np.ndarray, jax.Array)):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
+    return False  # anything else (objects with state): only identical counts as equal
+
+
+def _keyed(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    return tx._replace(init=_SameCode(tx.init), update=_SameCode(tx.update))
+
+
 def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
     """An ``nnx.Optimizer`` over exactly the enabled adapters of an NNX model.
 
     Optimizer state exists for those weights only. It also freezes the base's BatchNorm
-    statistics (see :func:`jadapters.freeze_batchnorm`).
+    statistics (see :func:`jadapters.freeze_batchnorm`). Two optimizers built from equal
+    transformations (``optax.adam(1e-3)`` twice) share one compiled
+    :func:`nnx_train_step`: the transformation is compared by its code and hyperparameters,
+    not by identity.
     """
-    return nnx.Optimizer(model, tx, wrt=model.unfreeze_enabled_adapters())
+    return nnx.Optimizer(model, _keyed(tx), wrt=model.unfreeze_enabled_adapters())
 
 
-def nnx_train_step(loss_fn: Callable[..., Any], *, donate: bool = True) -> Callable[..., Any]:
-    """Builds an ``nnx.jit``-compiled step ``step(model, optimizer, batch) -> metrics``.
+_MODE_ATTRS = ("deterministic", "use_running_average", "train", "training")
+
+
+class NNXTrainStep:
+    """A compiled adapter-only training step for an adapted NNX model; see
+    :func:`nnx_train_step`.
+
+    ``step(model, optimizer, batch) -> metrics`` updates ``model`` and ``optimizer`` in place.
+    The first call for a (model, optimizer) pair splits their graphs once
+    (``nnx.cached_partial``); later calls pass only the arrays to one ``jax.jit``-compiled
+    pure function, so the per-call cost does not grow with the graph. The split is redone
+    when the adapters change (add, remove, enable, disable) or a mode flag changes
+    (``model.train()``/``eval()``, BatchNorm's ``use_running_average``). After changing the
+    model's structure in any other way (replacing a submodule), call :meth:`reset`.
+    """
+
+    def __init__(self, loss_fn: Callable[..., Any], *, donate: bool = True):
+        self.loss_fn = loss_fn
+
+        def step(model, optimizer, batch):
+            trainable = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
+
+            def objective(model):
+                loss, metrics = _split_loss(loss_fn(model, batch))
+                aux = total_auxiliary_loss(nnx.pop(model, AdapterLoss))
+                return loss + aux, {**metrics, "task_loss": loss, "aux_loss": aux}
+
+            grad_fn = nnx.value_and_grad(
+                objective, argnums=nnx.DiffState(0, trainable), has_aux=True
+            )
+            (loss, metrics), grads = grad_fn(model)
+            optimizer.update(model, grads)
+            return {**metrics, "loss": loss}
+
+        # Only the optimizer's state is donated: the model's arrays include the frozen base,
+        # which other references (an unmerge snapshot, a clone) may still hold.
+        self.jitted = nnx.jit(step, donate_argnums=(1,) if donate else ())
+        self._bound: tuple | None = None
+
+    def _token(self, model: Any, optimizer: Any, modes: list) -> tuple:
+        flags = tuple(getattr(m, a) for m, a in modes)
+        return (id(model), id(optimizer), model.get_adapter_specs(), flags)
+
+    def __call__(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> dict:
+        if self._bound is not None:
+            token, modes, cached = self._bound
+            if token == self._token(model, optimizer, modes):
+                return cached(batch)
+        modes = [
+            (node, attr)
+            for _, node in nnx.iter_graph(model)
+            for attr in _MODE_ATTRS
+            if isinstance(node, nnx.Module) and attr in vars(node)
+        ]
+        cached = nnx.cached_partial(self.jitted, model, optimizer)
+        self._bound = (self._token(model, optimizer, modes), modes, cached)
+        return cached(batch)
+
+    def reset(self) -> None:
+        """Forgets the cached split, so the next call reads the model's graph afresh."""
+        self._bound = None
+
+    def lower(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
+        """``jax.stages.Lowered`` of the step, for inspecting or timing compilation."""
+        return self.jitted.lower(model, optimizer, batch)
+
+
+def nnx_train_step(loss_fn: Callable[..., Any], *, donate: bool = True) -> NNXTrainStep:
+    """Builds a compiled step ``step(model, optimizer, batch) -> metrics`` for NNX.
 
     ``loss_fn(model, batch)`` returns a loss or ``(loss, metrics)``. The gradient is taken
     with respect to the enabled adapters only; auxiliary losses recorded by the adapters are
     popped and added to the loss. Dropout and stochastic-depth keys come from each adapter's
     ``dropout`` stream (pass ``rngs=nnx.Rngs(params=..., dropout=...)`` to ``add_adapter``).
+    The model's graph is split once and reused across calls (see :class:`NNXTrainStep`).
     """
-
-    def step(model, optimizer, batch):
-        trainable = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
-
-        def objective(model):
-            loss, metrics = _split_loss(loss_fn(model, batch))
-            aux = total_auxiliary_loss(nnx.pop(model, AdapterLoss))
-            return loss + aux, {**metrics, "task_loss": loss, "aux_loss": aux}
-
-        grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, trainable), has_aux=True)
-        (loss, metrics), grads = grad_fn(model)
-        optimizer.update(model, grads)
-        return {**metrics, "loss": loss}
-
-    # Only the optimizer's state is donated: the model's arrays include the frozen base,
-    # which other references (an unmerge snapshot, a clone) may still hold.
-    return nnx.jit(step, donate_argnums=(1,) if donate else ())
+    return NNXTrainStep(loss_fn, donate=donate)

@@ -416,3 +416,69 @@ def test_nnx_conv_net_batch_norm_stays_frozen(data):
     _assert_trees_equal(nnx.state(model, nnx.Param), params)
     first, last = _falls(history)
     assert last < first, (first, last)
+
+
+# ---- the NNX step's economy: split once, no retrace for equal optimizers ------------------
+
+
+def _counting_loss():
+    traces = []
+
+    def loss(model, batch):
+        traces.append(1)  # runs at trace time only
+        return _nnx_loss(model, batch)
+
+    return loss, traces
+
+
+def test_nnx_step_is_not_retraced_for_an_equal_optax_transformation(nnx_model, data):
+    model = _fresh(nnx_model)
+    loss, traces = _counting_loss()
+    step = jadapters.nnx_train_step(loss)
+    batch = (data[0][:16], data[1][:16])
+    step(model, jadapters.adapter_optimizer(model, optax.adam(1e-3)), batch)
+    step(model, jadapters.adapter_optimizer(model, optax.adam(1e-3)), batch)
+    chained = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    step(model, jadapters.adapter_optimizer(model, chained), batch)
+    step(model, jadapters.adapter_optimizer(model, chained), batch)
+    assert len(traces) == 2  # adam, then the chain: equal transformations share one trace
+    # Another hyperparameter is another computation: it must be traced anew.
+    step(model, jadapters.adapter_optimizer(model, optax.adam(2e-3)), batch)
+    assert len(traces) == 3
+
+
+def test_nnx_step_reuses_its_split_and_follows_adapter_and_mode_changes(nnx_model, data):
+    model = _fresh(nnx_model)
+    model.add_adapter("other", LinearAdapterConfig(dim=4), rngs=nnx.Rngs(params=3, dropout=4))
+    step = jadapters.nnx_train_step(_nnx_loss)
+    batch = (data[0][:16], data[1][:16])
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    step(model, optimizer, batch)
+    bound = step._bound
+    step(model, optimizer, batch)
+    assert step._bound is bound  # the graph was split once
+    before = _copy(nnx.state(model, AdapterParam))
+    model.eval()  # a mode flag changes the graph: the step must see it, not a stale split
+    step(model, optimizer, batch)
+    assert step._bound is not bound
+    # In eval mode neither dropout nor stochastic depth draws keys: the RNG counts stay.
+    counts = nnx.state(model, nnx.RngCount)
+    step(model, optimizer, batch)
+    _assert_trees_equal(nnx.state(model, nnx.RngCount), counts)
+    # Disabling an adapter re-splits too, and then only the enabled one trains.
+    model.train()
+    model.set_enabled_adapters("other", enabled=False)
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    frozen = _copy(nnx.state(model, jadapters.AdapterParam))
+    step(model, optimizer, batch)
+    after = nnx.state(model, AdapterParam).to_pure_dict()
+    flat_after = dict(jax.tree_util.tree_flatten_with_path(after)[0])
+    flat_frozen = dict(jax.tree_util.tree_flatten_with_path(frozen.to_pure_dict())[0])
+    moved = {
+        "/".join(str(getattr(k, "key", k)) for k in p)
+        for p in flat_after
+        if not np.array_equal(flat_after[p], flat_frozen[p])
+    }
+    assert moved and all("/other/" not in m for m in moved), moved
+    assert any("/task/" in m for m in moved)
+    del before

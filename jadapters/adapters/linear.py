@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 
-from jadapters import _checks
+import jadapters._checks as _checks
 from jadapters._activations import check_activation, get_activation
 from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
 from jadapters.registry import register_adapter

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jadapters import _checks
+import jadapters._checks as _checks
 from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
 from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy

@@ -11,6 +11,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from jadapters.checkpoint import arrays, store
 from jadapters.checkpoint import metadata as md
 from jadapters.checkpoint.fingerprint import compare as compare_fingerprint
@@ -229,4 +233,7 @@ def load_adapters(
     fingerprint = {p: meta.fingerprint.get(p, ()) for p in hosts}
     _check(view, entries, fingerprint, replace=replace, check_base=check_base)
     loaded = arrays.read_arrays(where, meta, names, shardings)
+    if shardings is None:
+        # Uncommitted, like arrays from init: a function compiled on those runs these as is.
+        loaded = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), loaded)
     return view.insert([AdapterWeights(e.spec(), loaded[e.name]) for e in entries], rngs=rngs)

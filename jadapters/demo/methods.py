@@ -18,7 +18,7 @@ import jadapters
 from jadapters.demo import data, runs
 
 if TYPE_CHECKING:
-    from jadapters.demo.main import DemoConfig
+    from jadapters.demo.config import DemoConfig
 
 ADAPTER_TARGETS = (r"blocks_\d+/attn", r"blocks_\d+/mlp")
 LORA_TARGETS = r"blocks_\d+/attn/(query|value)"
