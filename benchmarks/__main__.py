@@ -21,11 +21,13 @@ BENCHMARKS = {
     "bench_transform": "Adapter training step, forward and compile time (adapter_transform)",
     "bench_lora": "LoRA: training step, merged and unmerged forward, vs Flax nnx.LoRA and qwix",
     "bench_checkpoint": "Adapter-only checkpoints: bytes and save/load time",
+    "bench_inline": "jadapters vs the same model with the adapter written inline by hand",
 }
 QUICK = {
     "bench_transform": ["--d-model", "64", "--layers", "2", "--seq", "16", "--steps", "3"],
     "bench_lora": ["--d-model", "64", "--layers", "2", "--seq", "16", "--steps", "3"],
     "bench_checkpoint": ["--d-model", "64", "--layers", "2", "--repeats", "1"],
+    "bench_inline": ["--quick"],
 }
 README = pathlib.Path(__file__).with_name("README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"

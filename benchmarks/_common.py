@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,4 +80,107 @@ def randomize(tree, seed: int, scale: float = 0.02):
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda a: jnp.asarray(scale * rng.standard_normal(np.shape(a)), jnp.result_type(a)), tree
+    )
+
+
+def time_rounds(
+    fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int, steps: int
+) -> list[dict[str, float]]:
+    """Per round, the median milliseconds per call of each ``fn`` (see :func:`time_interleaved`).
+
+    Each round interleaves the variants and starts from the other end of the list than the
+    round before, so every round yields one comparable median per variant (hence one ratio),
+    and the spread of those ratios across rounds shows how far timing noise reaches. The first
+    round warms up with ``warmup`` calls per variant, later ones with one.
+
+    Args:
+      fns: variant name -> a callable that blocks on its result.
+      rounds: how many rounds.
+      warmup: calls per variant before the first round's timed calls.
+      steps: timed calls per variant and round.
+
+    Returns:
+      One ``{name: median ms}`` dict per round.
+    """
+    names = list(fns)
+    results = []
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        results.append(
+            time_interleaved(
+                {name: fns[name] for name in order}, warmup=warmup if r == 0 else 1, steps=steps
+            )
+        )
+    return results
+
+
+def compile_rounds(
+    makers: dict[str, Callable[[], Any]], args: dict[str, tuple], repeats: int
+) -> list[dict[str, dict[str, float]]]:
+    """Seconds to trace + lower, and to XLA-compile, fresh jitted functions, per repeat.
+
+    Every repeat calls each maker for a new jitted function (anything with ``.lower``, such as
+    ``jax.jit`` or ``nnx.jit`` results), so nothing is reused from an earlier trace; within a
+    repeat the variants are compiled in turn, alternating the order between repeats.
+
+    Args:
+      makers: variant name -> a callable returning a fresh, not yet traced jitted function.
+      args: variant name -> the arguments to lower it with.
+      repeats: how many repeats.
+
+    Returns:
+      One ``{name: {"lower": s, "compile": s, "total": s}}`` dict per repeat.
+    """
+    names = list(makers)
+    results = []
+    for r in range(repeats):
+        times: dict[str, dict[str, float]] = {}
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn = makers[name]()
+            start = time.perf_counter()
+            lowered = fn.lower(*args[name])
+            mid = time.perf_counter()
+            lowered.compile()
+            end = time.perf_counter()
+            times[name] = {"lower": mid - start, "compile": end - mid, "total": end - start}
+        results.append(times)
+    return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """``{"min", "median", "max"}`` of ``values``."""
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
+
+
+def copy_tree(tree):
+    """Own buffers for every leaf (steps donate theirs); PRNG keys included."""
+    return jax.tree.map(lambda a: a.copy(), tree)
+
+
+def full_gradient_step(loss, tx):
+    """A jit step: gradient of ``loss(params, *consts)`` w.r.t. all ``params``, then ``tx``.
+
+    ``step(params, opt_state, *consts) -> (params, opt_state)``; params and optimizer state
+    are donated.
+    """
+
+    def step(params, opt_state, *consts):
+        grads = jax.grad(loss)(params, *consts)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def machine_line() -> str:
+    """Platform, CPU count, jax / flax / optax versions and the JAX backend, in one line."""
+    device = jax.devices()[0]
+    return (
+        f"{platform.machine()} {platform.processor() or platform.system()}, "
+        f"{os.cpu_count()} CPUs, jax {jax.__version__} ({device.platform}: {device.device_kind}), "
+        f"flax {flax.__version__}, optax {optax.__version__}"
     )
