@@ -165,7 +165,7 @@ def merge_adapters(
       NNX: the merged ``nnx.State`` of the base parameters (the model is not changed);
       ``nnx.update(model, merged)`` and ``model.set_enabled_adapters(enabled=False)`` give
       the merged model. To unmerge, keep a copy of the base *before* updating,
-      ``original = nnx.state(model, nnx.Param).to_pure_dict()``, and ``nnx.update(model,
+      ``original = nnx.to_pure_dict(nnx.state(model, nnx.Param))``, and ``nnx.update(model,
       original)`` later: ``nnx.state`` holds the model's own variables, which
       ``nnx.update`` overwrites in place.
 

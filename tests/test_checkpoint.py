@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +17,14 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import random_like
 from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jadapters
-from jadapters.checkpoint import _nnx as nnx_io
-from jadapters.checkpoint import store
+from jadapters.checkpoint import arrays, store
+from jadapters.checkpoint import metadata as md
 from jadapters.demo.models import LinenTransformer, NNXTransformer
+from jadapters.nnx.view import NNXView
 
 CFG = jadapters.LinearAdapterConfig(dim=8)
 LINEN_TARGETS = {"": r"blocks_\d+/mlp", "attn": r"blocks_\d+/attn/query"}
@@ -81,7 +85,7 @@ def nnx_model(mlp_dim=32, num_layers=2, targets=NNX_TARGETS, seed=0):
 
 def randomize_nnx(model, seed):
     state = nnx.state(model, jadapters.AdapterParam)
-    nnx.replace_by_pure_dict(state, random_like(state.to_pure_dict(), seed=seed))
+    nnx.replace_by_pure_dict(state, random_like(nnx.to_pure_dict(state), seed=seed))
     nnx.update(model, state)
 
 
@@ -146,7 +150,7 @@ def test_linen_dtypes_and_overwrite_keep_one_version(tmp_path, linen, linen_base
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables["adapters"])
     jadapters.save_adapters(tmp_path, model, variables, name="an4")
     jadapters.save_adapters(tmp_path, model, {**variables, "adapters": bf16}, name="an4")
-    assert sorted(os.listdir(tmp_path)) == ["CHECKPOINT", "v000002"]
+    assert os.listdir(tmp_path) == ["2"]  # one orbax step: version 2 replaced version 1
     _, new = jadapters.load_adapters(tmp_path, linen_model(), linen_base)
     leaves = jax.tree.leaves(new["adapters"])
     assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
@@ -398,9 +402,8 @@ def test_restore_onto_shardings(tmp_path, linen, linen_base, nnx_source):
 
 
 def _data_files(path):
-    where = store.version_dir(path)
     out = []
-    for dirpath, _, files in os.walk(os.path.join(where, "arrays")):
+    for dirpath, _, files in os.walk(os.path.join(store.step_dir(path), "adapters")):
         if os.path.basename(dirpath) == "d":
             out += [os.path.join(dirpath, f) for f in files]
     return out
@@ -427,18 +430,32 @@ def _flip(path):
 
 
 def _garble_metadata(path):
-    with open(os.path.join(store.version_dir(path), "metadata.json"), "r+") as f:
+    with open(os.path.join(store.step_dir(path), "metadata", "metadata"), "r+") as f:
         f.seek(0)
         f.write("{garbled")
 
 
-def _garble_pointer(path):
-    with open(os.path.join(path, "CHECKPOINT"), "w") as f:
+def _delete_metadata(path):
+    shutil.rmtree(os.path.join(store.step_dir(path), "metadata"))
+
+
+def _garble_file_list(path):
+    with open(os.path.join(store.step_dir(path), "adapters", "jadapters_files.json"), "w") as f:
+        f.write("[")
+
+
+def _empty_file_list(path):
+    with open(os.path.join(store.step_dir(path), "adapters", "jadapters_files.json"), "w") as f:
+        f.write("{}")
+
+
+def _garble_orbax_metadata(path):
+    with open(os.path.join(store.step_dir(path), "adapters", "_METADATA"), "r+") as f:
         f.write("[")
 
 
 def _edit_metadata(path, edit):
-    file = os.path.join(store.version_dir(path), "metadata.json")
+    file = os.path.join(store.step_dir(path), "metadata", "metadata")
     with open(file) as f:
         data = json.load(f)
     edit(data)
@@ -461,14 +478,25 @@ def _wrong_shape(path):
     _edit_metadata(path, edit)
 
 
+def _wrong_dtype(path):
+    def edit(data):
+        data["adapters"][0]["hosts"][0]["params"][0]["dtype"] = "float16"
+
+    _edit_metadata(path, edit)
+
+
 DAMAGE = {
     "truncated data": (_truncate, "truncated or corrupted: data file .* has"),
     "deleted data": (_delete, "missing or truncated: data file .* does not exist"),
     "flipped data": (_flip, "corrupted: data file .* fails its checksum"),
-    "garbled metadata": (_garble_metadata, "metadata.*corrupted"),
-    "garbled pointer": (_garble_pointer, "pointer.*corrupted"),
+    "garbled metadata": (_garble_metadata, "metadata.*corrupted.*Save the adapters again"),
+    "deleted metadata": (_delete_metadata, "has no metadata item"),
+    "garbled file list": (_garble_file_list, "jadapters_files.json is malformed"),
+    "emptied file list": (_empty_file_list, "data file adapters/.* is not listed"),
+    "garbled orbax metadata": (_garble_orbax_metadata, "data file adapters/_METADATA fails"),
     "checksum": (_flip_checksum, "parameter 'down/kernel' fails its checksum"),
     "wrong shape": (_wrong_shape, r"stored with shape \(16, 8\).*says \(3, 3\)"),
+    "wrong dtype": (_wrong_dtype, r"dtype float32, but the metadata says \(16, 8\) float16"),
 }
 
 
@@ -483,6 +511,48 @@ def test_damaged_checkpoint_is_an_error_and_changes_nothing(tmp_path, damage, nn
     with pytest.raises(ValueError, match=message):
         jadapters.load_adapters(tmp_path, target, replace=True)
     assert_nnx_unchanged(target, snapshot)
+
+
+def _json_paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict | list):
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            yield from _json_paths(value, (*prefix, key))
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=4,
+)
+
+
+@pytest.fixture(scope="module")
+def saved_metadata(nnx_source):
+    return jadapters.adapter_metadata(nnx_source, name=["an4", "q"])
+
+
+@given(data=st.data())
+def test_any_edit_of_the_metadata_json_reads_or_is_a_value_error(saved_metadata, data):
+    edited = json.loads(json.dumps(saved_metadata))
+    path = data.draw(st.sampled_from(list(_json_paths(edited))[1:]))
+    node = edited
+    for key in path[:-1]:
+        node = node[key]
+    if data.draw(st.booleans()):
+        del node[path[-1]]
+    else:
+        node[path[-1]] = data.draw(_JSON)
+    try:
+        md.from_json(edited)
+    except ValueError:
+        pass
 
 
 def test_linen_damaged_checkpoint(tmp_path, linen, linen_base):
@@ -516,20 +586,21 @@ def test_nnx_failure_mid_load_rolls_back(tmp_path, nnx_source, monkeypatch):
     target = nnx_model()
     target.add_adapter("an4", CFG, rngs=nnx.Rngs(0))
     snapshot = nnx_snapshot(target)
-    original, calls = nnx_io._assign, []
+    original, calls = NNXView._assign, []
 
-    def failing(*args):
+    def failing(self, *args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("disk on fire")
-        return original(*args)
+        return original(self, *args)
 
-    monkeypatch.setattr(nnx_io, "_assign", failing)
+    monkeypatch.setattr(NNXView, "_assign", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         jadapters.load_adapters(tmp_path, target, replace=True)
     assert_nnx_unchanged(target, snapshot)
 
 
+TMP = ".orbax-checkpoint-tmp"  # orbax's temporary directory of a step being written
 _KILL_SCRIPT = """
 import sys
 import flax.linen as nn, jax, jax.numpy as jnp, jadapters
@@ -557,7 +628,7 @@ def test_save_killed_mid_write_keeps_previous_checkpoint(tmp_path):
     try:
         assert proc.stdout.readline().strip() == b"0"  # about to start its first save
         deadline = time.monotonic() + 60
-        while not any(".tmp-" in e for e in os.listdir(path)) and time.monotonic() < deadline:
+        while not any(TMP in e for e in os.listdir(path)) and time.monotonic() < deadline:
             time.sleep(0.001)
         time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
@@ -565,7 +636,7 @@ def test_save_killed_mid_write_keeps_previous_checkpoint(tmp_path):
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    leftovers = [e for e in os.listdir(path) if ".tmp-" in e]
+    leftovers = [e for e in os.listdir(path) if TMP in e]
     assert leftovers, "the kill should have landed mid-save"
     fresh = jadapters.adapter_transform(nn.Sequential([nn.Dense(512)]), "layers_0")
     loaded, new = jadapters.load_adapters(path, fresh, {"params": variables["params"]})
@@ -573,7 +644,39 @@ def test_save_killed_mid_write_keeps_previous_checkpoint(tmp_path):
     assert values.size == 1 and values[0] in {-1.0, *range(1000)}  # one complete checkpoint
     jadapters.save_adapters(path, loaded, new)  # the next save clears the debris
     entries = os.listdir(path)
-    assert "CHECKPOINT" in entries and len(entries) == 2, entries
+    assert len(entries) == 1 and entries[0].isdigit(), entries
+
+
+def test_versions_and_retention(tmp_path, nnx_source):
+    jadapters.save_adapters(tmp_path, nnx_source, name="an4")
+    where, meta = store.read_metadata(tmp_path)
+    weights = arrays.read_arrays(where, meta, ["an4"], None)
+    assert store.write(tmp_path, meta, weights, keep=2) == str(tmp_path / "2")
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+    assert store.read_metadata(tmp_path, version=1)[0] == str(tmp_path / "1")
+    with pytest.raises(ValueError, match=r"version 5 is not in .*saved versions: \[1, 2\]"):
+        store.read_metadata(tmp_path, version=5)
+    store.write(tmp_path, meta, weights)  # keeps 1 by default
+    assert os.listdir(tmp_path) == ["3"]
+    with pytest.raises(ValueError, match="keep must be a positive int"):
+        store.write(tmp_path, meta, weights, keep=0)
+
+
+def test_format_1_checkpoint_is_a_clear_error(tmp_path, nnx_source, saved_metadata, capsys):
+    from jadapters.__main__ import main
+
+    (tmp_path / "v000001").mkdir()
+    (tmp_path / "CHECKPOINT").write_text('{"format": "jadapters.adapter_checkpoint"}')
+    message = r"written in format 1 by jadapters 0.1.*Load it with jadapters 0.1"
+    with pytest.raises(ValueError, match=message):
+        jadapters.load_adapters(tmp_path, nnx_model())
+    with pytest.raises(ValueError, match=message):
+        jadapters.save_adapters(tmp_path, nnx_source)
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "format 1 by jadapters 0.1" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["CHECKPOINT", "v000001"]
+    with pytest.raises(ValueError, match=message):
+        md.from_json({**saved_metadata, "format_version": 1})
 
 
 # ---- training runs ------------------------------------------------------------------------
@@ -597,6 +700,33 @@ def test_manager_keeps_last_steps(tmp_path):
             manager.save(4, tree)
     with pytest.raises(ValueError, match="max_to_keep"):
         jadapters.AdapterCheckpointManager(tmp_path, max_to_keep=0)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_manager_steps_share_the_layout_and_checks(tmp_path, nnx_source, async_save):
+    adapters = nnx.to_pure_dict(nnx.state(nnx_source, jadapters.AdapterParam))
+    opt_state = {"mu": jax.tree.map(jnp.zeros_like, adapters), "count": jnp.zeros((), jnp.int32)}
+    meta = jadapters.adapter_metadata(nnx_source)
+    with jadapters.AdapterCheckpointManager(tmp_path, async_save=async_save) as manager:
+        manager.save(7, adapters, opt_state, metadata=meta)
+        manager.wait_until_finished()
+    where = str(tmp_path / "7")
+    assert sorted(os.listdir(where)) == sorted(
+        ["_CHECKPOINT_METADATA", "adapters", "metadata", "opt_state", "commit_success.txt"]
+    )
+    for item in ("adapters", "opt_state"):
+        assert os.path.isfile(os.path.join(where, item, "jadapters_files.json"))
+    # One reader: the inspector reads a training run's metadata as it reads save_adapters'.
+    assert jadapters.read_adapter_metadata(tmp_path)["version_dir"] == where
+    with pytest.raises(ValueError, match="restore it with AdapterCheckpointManager.restore"):
+        jadapters.load_adapters(tmp_path, nnx_model())
+    with jadapters.AdapterCheckpointManager(tmp_path) as manager:
+        restored = manager.restore(adapters=adapters, opt_state=opt_state)
+        assert _same(restored.adapters, adapters) and _same(restored.opt_state, opt_state)
+        assert restored.metadata == meta
+        _flip(tmp_path)
+        with pytest.raises(ValueError, match="data file adapters/.* fails its checksum"):
+            manager.restore(adapters=adapters)
 
 
 def _batches(n):
@@ -676,15 +806,15 @@ def test_nnx_training_resumes_exactly(tmp_path):
     batches = _batches(10)
     model, optimizer = build(0)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp_path / "base", nnx.state(model, nnx.Param).to_pure_dict())
+        checkpointer.save(tmp_path / "base", nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     losses = []
     with jadapters.AdapterCheckpointManager(tmp_path / "run") as manager:
         for i in range(10):
             if i == 5:
                 manager.save(
                     i,
-                    nnx.state(model, jadapters.AdapterParam).to_pure_dict(),
-                    nnx.state(optimizer).to_pure_dict(),
+                    nnx.to_pure_dict(nnx.state(model, jadapters.AdapterParam)),
+                    nnx.to_pure_dict(nnx.state(optimizer)),
                     metadata=jadapters.adapter_metadata(model),
                 )
             losses.append(float(step(model, optimizer, batches[i])["loss"]))
@@ -692,11 +822,15 @@ def test_nnx_training_resumes_exactly(tmp_path):
     model, optimizer = build(100)  # different base and adapter weights until restored
     base = nnx.state(model, nnx.Param)
     with ocp.StandardCheckpointer() as checkpointer:
-        nnx.replace_by_pure_dict(base, checkpointer.restore(tmp_path / "base", base.to_pure_dict()))
+        nnx.replace_by_pure_dict(
+            base, checkpointer.restore(tmp_path / "base", nnx.to_pure_dict(base))
+        )
     nnx.update(model, base)
     adapters, opt = nnx.state(model, jadapters.AdapterParam), nnx.state(optimizer)
     with jadapters.AdapterCheckpointManager(tmp_path / "run") as manager:
-        restored = manager.restore(adapters=adapters.to_pure_dict(), opt_state=opt.to_pure_dict())
+        restored = manager.restore(
+            adapters=nnx.to_pure_dict(adapters), opt_state=nnx.to_pure_dict(opt)
+        )
     nnx.replace_by_pure_dict(adapters, restored.adapters)
     nnx.replace_by_pure_dict(opt, restored.opt_state)
     nnx.update(model, adapters)
@@ -735,7 +869,7 @@ def test_inspect_cli(tmp_path, linen, capsys):
     assert by_name["q"]["group"] == "attn" and by_name["q"]["enabled"] is False
     assert by_name["an4"]["param_count"] == 2 * (16 * 8 + 8 * 16 + 2 * 16)
     assert by_name["an4"]["param_bytes"] == 4 * by_name["an4"]["param_count"]
-    assert data["disk_bytes"] > 0 and data["format_version"] == 1
+    assert data["disk_bytes"] > 0 and data["format_version"] == md.FORMAT_VERSION == 2
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     assert "no adapter checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

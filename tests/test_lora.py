@@ -473,7 +473,7 @@ def test_nnx_training_step_leaves_other_references_to_the_base_usable():
     """The base is frozen: a training step must not donate (and so delete) its buffers, which
     a snapshot kept for unmerging or a clone of the model still hold."""
     model, reference = _nnx_adapted(lambda r: nnx.Linear(D, OUT, rngs=r), LoRAConfig(rank=RANK))
-    snapshot = nnx.state(model, nnx.Param).to_pure_dict()
+    snapshot = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     x = _x((B, D))
     expected = np.array(reference(x))
     optimizer = jadapters.adapter_optimizer(model, optax.adam(1e-2))

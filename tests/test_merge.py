@@ -141,7 +141,7 @@ def test_nnx_merged_equals_adapted_at_base_cost(nnx_setup):
     assert adapted_counts["dot_general"] > base_counts["dot_general"]
 
     # nnx.state holds the model's own variables, which nnx.update overwrites: copy them out.
-    original = nnx.state(model, nnx.Param).to_pure_dict()
+    original = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     original_values = _copy(original)
     merged = jadapters.merge_adapters(model)
     np.testing.assert_array_equal(model(X), adapted_out)  # merging changed nothing in place
@@ -154,7 +154,7 @@ def test_nnx_merged_equals_adapted_at_base_cost(nnx_setup):
         nnx.update(model, original)
         model.set_enabled_adapters(enabled=True)
     np.testing.assert_array_equal(model(X), adapted_out)
-    restored = nnx.state(model, nnx.Param).to_pure_dict()
+    restored = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, restored, original_values)
 
 
@@ -248,7 +248,7 @@ def test_weighted_combination_of_two_loras(front_end, key):
         host = {"kernel": adapted.host.kernel[...], "bias": adapted.host.bias[...]}
         lora = {n: adapted.host.adapter_layer[n].param_values() for n in ("l1", "l2")}
         merged_state = jadapters.merge_adapters(adapted, weights=weights)
-        merged = merged_state.to_pure_dict()["host"]
+        merged = nnx.to_pure_dict(merged_state)["host"]
         nnx.update(adapted, merged_state)
         adapted.set_enabled_adapters(enabled=False)
         merged_out = adapted(x)
@@ -387,7 +387,7 @@ def test_bfloat16_base_kernel_stays_bfloat16(front_end, key):
         nnx.update(adapted, _random_adapters(nnx.state(adapted, jadapters.AdapterParam)))
         kernel = adapted.host.kernel[...]
         lora = adapted.host.adapter_layer["lora"].param_values()
-        merged = jadapters.merge_adapters(adapted).to_pure_dict()["host"]["kernel"]
+        merged = nnx.to_pure_dict(jadapters.merge_adapters(adapted))["host"]["kernel"]
     assert kernel.dtype == merged.dtype == jnp.bfloat16
     expected = (_f64(kernel) + 2.0 * _ab(lora)).astype(np.float32)
     np.testing.assert_allclose(_f64(merged), expected, rtol=1e-2, atol=1e-2)

@@ -603,7 +603,7 @@ def test_remove_adapter_drops_weights_and_name():
     net.add_adapter("m:b", jadapters.LinearAdapterConfig(dim=2), rngs=nnx.Rngs(1))
     net.remove_adapter("m:a")
     assert net.get_enabled_adapters() == ["b"]
-    layer = nnx.state(net, jadapters.AdapterParam).to_pure_dict()["blocks"][0]["mlp"]
+    layer = nnx.to_pure_dict(nnx.state(net, jadapters.AdapterParam))["blocks"][0]["mlp"]
     assert list(layer["adapter_layer"]) == ["b"]
     with pytest.raises(ValueError, match="unknown adapter name 'a'"):
         net.remove_adapter("a")

@@ -471,9 +471,9 @@ def test_nnx_step_reuses_its_split_and_follows_adapter_and_mode_changes(nnx_mode
     optimizer = jadapters.adapter_optimizer(model, NNX_TX)
     frozen = _copy(nnx.state(model, jadapters.AdapterParam))
     step(model, optimizer, batch)
-    after = nnx.state(model, AdapterParam).to_pure_dict()
+    after = nnx.to_pure_dict(nnx.state(model, AdapterParam))
     flat_after = dict(jax.tree_util.tree_flatten_with_path(after)[0])
-    flat_frozen = dict(jax.tree_util.tree_flatten_with_path(frozen.to_pure_dict())[0])
+    flat_frozen = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(frozen))[0])
     moved = {
         "/".join(str(getattr(k, "key", k)) for k in p)
         for p in flat_after

@@ -16,6 +16,13 @@ import numpy as np
 from jadapters.checkpoint.io import read_adapter_metadata
 
 
+def _count(leaves: list[dict]) -> tuple[int, int]:
+    sizes = [
+        (int(np.prod(x["shape"], dtype=np.int64)), np.dtype(x["dtype"]).itemsize) for x in leaves
+    ]
+    return sum(n for n, _ in sizes), sum(n * b for n, b in sizes)
+
+
 def describe(path: str) -> dict[str, Any]:
     """A JSON-ready summary of the checkpoint at ``path``: the metadata plus counts and sizes.
 
@@ -23,32 +30,21 @@ def describe(path: str) -> dict[str, Any]:
       ValueError: for a missing or corrupted checkpoint.
     """
     data = read_adapter_metadata(path)
-    total_params = total_bytes = 0
-    for adapter in data["adapters"]:
-        params = nbytes = 0
-        for host in adapter["hosts"]:
-            for leaf in host["params"]:
-                size = int(np.prod(leaf["shape"], dtype=np.int64))
-                params += size
-                nbytes += size * np.dtype(leaf["dtype"]).itemsize
-        adapter["param_count"] = params
-        adapter["param_bytes"] = nbytes
-        total_params += params
-        total_bytes += nbytes
-    base = sum(
-        int(np.prod(leaf["shape"], dtype=np.int64))
-        for leaves in data["base_fingerprint"].values()
-        for leaf in leaves
-    )
+    for a in data["adapters"]:
+        a["param_count"], a["param_bytes"] = _count([x for h in a["hosts"] for x in h["params"]])
     data["path"] = path
-    data["param_count"] = total_params
-    data["param_bytes"] = total_bytes
-    data["base_host_param_count"] = base
+    data["param_count"] = sum(a["param_count"] for a in data["adapters"])
+    data["param_bytes"] = sum(a["param_bytes"] for a in data["adapters"])
+    base = [x for leaves in data["base_fingerprint"].values() for x in leaves]
+    data["base_host_param_count"] = _count(base)[0]
     return data
 
 
-def _shape(shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+def _leaves(host: str, leaves: list[dict]) -> list[str]:
+    rows = [
+        f"    {'/'.join(x['path']):<28}{str(tuple(x['shape'])):<16}{x['dtype']}" for x in leaves
+    ]
+    return [f"  {host}", *rows]
 
 
 def render(data: dict[str, Any]) -> str:
@@ -73,25 +69,16 @@ def render(data: dict[str, Any]) -> str:
         f"{data['param_bytes']:,} bytes"
     )
     for a in data["adapters"]:
-        lines.append("")
-        lines.append(f"{a['name']}: {json.dumps(a['config'], sort_keys=True)}")
+        lines += ["", f"{a['name']}: {json.dumps(a['config'], sort_keys=True)}"]
         for host in a["hosts"]:
-            lines.append(f"  {host['path']}")
-            for leaf in host["params"]:
-                lines.append(
-                    f"    {'/'.join(leaf['path']):<28}{_shape(leaf['shape']):<16}{leaf['dtype']}"
-                )
-    lines.append("")
-    lines.append(
+            lines += _leaves(host["path"], host["params"])
+    lines += [
+        "",
         f"base fingerprint sha256:{data['base_fingerprint_sha256']} "
-        f"({data['base_host_param_count']:,} parameters at the hosts)"
-    )
+        f"({data['base_host_param_count']:,} parameters at the hosts)",
+    ]
     for host, leaves in data["base_fingerprint"].items():
-        lines.append(f"  {host}")
-        for leaf in leaves:
-            lines.append(
-                f"    {'/'.join(leaf['path']):<28}{_shape(leaf['shape']):<16}{leaf['dtype']}"
-            )
+        lines += _leaves(host, leaves)
     return "\n".join(lines)
 
 

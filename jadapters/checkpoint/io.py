@@ -89,7 +89,9 @@ def _check(view: AdapterView, entries, fingerprint, *, replace: bool, check_base
             compare_fingerprint(host, saved, md.describe_leaves(current or {}, checksums=False))
 
 
-def save_adapters(path: str, model: Any, variables: Any = None, *, name: NameLike = None) -> str:
+def save_adapters(
+    path: str, model: Any, variables: Any = None, *, name: NameLike = None, keep: int = 1
+) -> str:
     """Writes the adapters of ``model``, and only those, to the checkpoint directory ``path``.
 
     Beside the arrays goes JSON metadata: each adapter's config, group, insertion, enabled
@@ -100,12 +102,15 @@ def save_adapters(path: str, model: Any, variables: Any = None, *, name: NameLik
     time (in a multi-host job, save from one process, with the adapters fully addressable).
 
     Args:
-      path: the checkpoint directory; created if needed, a new version replaces the old.
+      path: the checkpoint directory (an orbax ``CheckpointManager`` directory: one step per
+        version); created if needed. Each save writes a new version atomically.
       model: an adapted model: an :class:`~jadapters.AdaptedLinen` or an adapted NNX model.
       variables: the Linen model's variables (at least ``{"params": ..., "adapters": ...}``);
         ``None`` for NNX.
       name: ``None`` for every adapter, or an exact name (``"name"`` or ``"group:name"``) or a
         list of them.
+      keep: how many versions to keep; older ones are deleted once the new one is
+        complete (default 1: a save replaces the previous checkpoint).
 
     Returns:
       The directory of the version written.
@@ -127,7 +132,7 @@ def save_adapters(path: str, model: Any, variables: Any = None, *, name: NameLik
     """
     view, adapters, fingerprint = _collect(model, variables, name)
     meta = md.build_metadata(adapters, fingerprint, framework=view.framework, checksums=True)
-    return store.write(path, meta, {spec.name: hosts for spec, hosts in adapters})
+    return store.write(path, meta, {spec.name: hosts for spec, hosts in adapters}, keep=keep)
 
 
 def adapter_metadata(model: Any, variables: Any = None, *, name: NameLike = None) -> dict:
@@ -147,7 +152,7 @@ def adapter_metadata(model: Any, variables: Any = None, *, name: NameLike = None
     return md.to_json(meta)
 
 
-def read_adapter_metadata(path: str) -> dict:
+def read_adapter_metadata(path: str, *, version: int | None = None) -> dict:
     """The validated JSON metadata of the adapter checkpoint at ``path``; no model needed.
 
     Adapter types need not be registered to read it.
@@ -155,14 +160,14 @@ def read_adapter_metadata(path: str) -> dict:
     Raises:
       ValueError: for a missing or corrupted checkpoint or metadata.
     """
-    where, meta = store.read_metadata(path, decode_configs=False)
+    where, meta = store.read_metadata(path, decode_configs=False, version=version)
     data = md.to_json(meta)
     data["version_dir"] = where
     data["disk_bytes"] = store.disk_bytes(where)
     return json.loads(json.dumps(data))
 
 
-def abstract_adapters(path: str, *, name: NameLike = None) -> dict:
+def abstract_adapters(path: str, *, name: NameLike = None, version: int | None = None) -> dict:
     """The arrays of the checkpoint at ``path`` as ``jax.ShapeDtypeStruct``.
 
     The tree is ``{adapter name: {host path: params}}``; build the ``shardings`` argument of
@@ -171,7 +176,7 @@ def abstract_adapters(path: str, *, name: NameLike = None) -> dict:
     Raises:
       ValueError: for a missing or corrupted checkpoint, or an unknown name.
     """
-    _, meta = store.read_metadata(path, decode_configs=False)
+    _, meta = store.read_metadata(path, decode_configs=False, version=version)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
     return arrays.abstract_tree(meta, names)
 
@@ -186,6 +191,7 @@ def load_adapters(
     shardings: Any = None,
     check_base: bool = True,
     rngs: Any = None,
+    version: int | None = None,
 ) -> Any:
     """Loads adapters saved by :func:`save_adapters` into ``model``.
 
@@ -207,6 +213,7 @@ def load_adapters(
         :func:`abstract_adapters` (``{name: {host path: params}}``) or a prefix of it.
       check_base: verify the base against the checkpoint's fingerprint.
       rngs: NNX only: streams for the adapters' ``dropout``; default ``nnx.Rngs(0)``.
+      version: the version to read; ``None`` for the latest.
 
     Returns:
       Linen: ``(new_model, new_variables)``; the inputs are unchanged. NNX: ``model``,
@@ -219,7 +226,7 @@ def load_adapters(
         both shapes). The model is unchanged then.
     """
     view = view_of(model, variables)
-    where, meta = store.read_metadata(path)
+    where, meta = store.read_metadata(path, version=version)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
     entries = [meta.get(n) for n in names]
     hosts = list(dict.fromkeys(h.path for e in entries for h in e.hosts))

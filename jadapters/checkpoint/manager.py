@@ -1,12 +1,14 @@
 """``AdapterCheckpointManager``: step checkpoints of adapter training on orbax's manager.
 
 Each step holds the adapter weights, optionally the optimizer state (which exists for adapter
-leaves only) and optionally JSON metadata (:func:`jadapters.adapter_metadata`). The base is
-not part of it: it does not change while adapters train, so save it once, on its own.
+leaves only) and optionally JSON metadata (:func:`jadapters.adapter_metadata`), in the layout
+:func:`jadapters.save_adapters` writes (see :mod:`jadapters.checkpoint.store`), verified the
+same way on restore. The base is not part of it: it does not change while adapters train, so
+save it once, on its own.
 
 For an exact NNX resume of adapters that use dropout or stochastic depth, save their PRNG
-stream state too, e.g. ``adapters={"params": ..., "rngs": nnx.state(model, nnx.RngState)
-.to_pure_dict()}``.
+stream state too, e.g. ``adapters={"params": ..., "rngs": nnx.to_pure_dict(nnx.state(model,
+nnx.RngState))}``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-_ADAPTERS = "adapters"
-_OPT_STATE = "opt_state"
-_METADATA = "metadata"
+from jadapters.checkpoint import store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +41,18 @@ class RestoredCheckpoint:
     metadata: dict | None
 
 
-def _abstract(target: Any) -> Any:
-    """Array leaves become ``ShapeDtypeStruct`` keeping their sharding; others pass through."""
+def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
+    """Restores onto ``target``'s structure, dtypes and shardings; as saved for ``None``."""
+    if target is None:
+        return ocp.args.PyTreeRestore()
 
-    def one(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
+    def abstract(x):
         if isinstance(x, jax.Array):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return ocp.utils.to_shape_dtype_struct(x)
+        return x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)
 
-    return jax.tree.map(one, target)
+    target = jax.tree.map(abstract, target)
+    return ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))
 
 
 class AdapterCheckpointManager:
@@ -83,12 +84,9 @@ class AdapterCheckpointManager:
         if not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool) or max_to_keep < 1:
             raise ValueError(f"max_to_keep must be a positive int, got {max_to_keep!r}.")
         self._directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=True,
+        self._manager = store.open_manager(
+            self._directory, max_to_keep=max_to_keep, async_save=async_save
         )
-        self._manager = ocp.CheckpointManager(self._directory, options=options)
 
     @property
     def directory(self) -> str:
@@ -120,21 +118,23 @@ class AdapterCheckpointManager:
         """
         if step in self.all_steps():
             raise ValueError(f"step {step} is already saved in {self._directory!r}.")
-        items = {_ADAPTERS: ocp.args.StandardSave(adapters)}
+        items = {store.ARRAYS: ocp.args.PyTreeSave(adapters)}
         if opt_state is not None:
-            items[_OPT_STATE] = ocp.args.StandardSave(opt_state)
+            items[store.OPT_STATE] = ocp.args.PyTreeSave(opt_state)
         if metadata is not None:
             try:
                 metadata = json.loads(json.dumps(metadata))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"metadata must be JSON-serializable: {err}") from None
-            items[_METADATA] = ocp.args.JsonSave(metadata)
+            items[store.METADATA] = ocp.args.JsonSave(metadata)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(
         self, step: int | None = None, *, adapters: Any = None, opt_state: Any = None
     ) -> RestoredCheckpoint:
         """Restores a step (the latest for ``step=None``) onto the given targets.
+
+        Every file read is first checked against the sizes and checksums listed at save time.
 
         Args:
           step: the step, or ``None`` for the latest.
@@ -149,42 +149,30 @@ class AdapterCheckpointManager:
           A :class:`RestoredCheckpoint`.
 
         Raises:
-          ValueError: if there is no checkpoint (at ``step``) or it does not fit the targets.
+          ValueError: if there is no checkpoint (at ``step``), it is damaged, or it does not
+            fit the targets.
         """
+        self._manager.wait_until_finished()
         steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise ValueError(f"no checkpoint to restore in {self._directory!r}.")
-            step = steps[-1]
+        if step is None and not steps:
+            raise ValueError(f"no checkpoint to restore in {self._directory!r}.")
+        step = steps[-1] if step is None else step
         if step not in steps:
             raise ValueError(f"step {step} is not in {self._directory!r}; saved steps: {steps}.")
-        present = set(self._item_names(step))
-        items = {
-            _ADAPTERS: ocp.args.StandardRestore(None if adapters is None else _abstract(adapters))
-        }
+        where = os.path.join(self._directory, str(step))
+        targets = {store.ARRAYS: adapters}
         if opt_state is not None:
-            if _OPT_STATE not in present:
+            if not os.path.isdir(os.path.join(where, store.OPT_STATE)):
                 raise ValueError(f"step {step} has no optimizer state; pass opt_state=None.")
-            items[_OPT_STATE] = ocp.args.StandardRestore(_abstract(opt_state))
-        if _METADATA in present:
-            items[_METADATA] = ocp.args.JsonRestore()
-        try:
-            out = self._manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as err:  # orbax raises many types for a mismatch or damage
-            raise ValueError(
-                f"cannot restore step {step} from {self._directory!r}: "
-                f"{type(err).__name__}: {str(err)[:500]}"
-            ) from None
+            targets[store.OPT_STATE] = opt_state
+        out = {item: store.restore(where, item, _restore_args(t)) for item, t in targets.items()}
+        has_metadata = os.path.isdir(os.path.join(where, store.METADATA))
         return RestoredCheckpoint(
             step=step,
-            adapters=out[_ADAPTERS],
-            opt_state=out[_OPT_STATE] if opt_state is not None else None,
-            metadata=out[_METADATA] if _METADATA in present else None,
+            adapters=out[store.ARRAYS],
+            opt_state=out.get(store.OPT_STATE),
+            metadata=store.read_json(where) if has_metadata else None,
         )
-
-    def _item_names(self, step: int) -> list[str]:
-        path = os.path.join(self._directory, str(step))
-        return [n for n in (_ADAPTERS, _OPT_STATE, _METADATA) if os.path.isdir(f"{path}/{n}")]
 
     def latest_step(self) -> int | None:
         """The latest saved step, or ``None``."""

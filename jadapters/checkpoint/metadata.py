@@ -19,10 +19,16 @@ import jax
 import numpy as np
 
 from jadapters._adapter_set import INSERTIONS, AdapterSpec, check_name
+from jadapters._version import __version__
 from jadapters.config import config_from_dict, config_to_dict
 
 FORMAT_NAME = "jadapters.adapter_checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_1_HELP = (
+    "it was written in format 1 by jadapters 0.1; this jadapters reads format "
+    f"{FORMAT_VERSION} only. Load it with jadapters 0.1, or convert it: load the adapters with "
+    "jadapters 0.1 and save them again with this version (save_adapters), into a new directory."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,23 +39,6 @@ class LeafInfo:
     shape: tuple[int, ...]
     dtype: str
     sha256: str | None = None
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class FileInfo:
-    """One file of the stored arrays: path relative to the version directory, size, SHA-256."""
-
-    path: str
-    bytes: int
-    sha256: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +62,6 @@ class AdapterEntry:
     hosts: tuple[HostEntry, ...]
 
     @property
-    def type(self) -> str:
-        return str(self.config.get("type"))
-
-    @property
     def qualified_name(self) -> str:
         return f"{self.group}:{self.name}" if self.group else self.name
 
@@ -93,7 +78,6 @@ class CheckpointMetadata:
     framework: str
     library_version: str
     format_version: int = FORMAT_VERSION
-    files: tuple[FileInfo, ...] = ()
 
     def get(self, name: str) -> AdapterEntry | None:
         for entry in self.adapters:
@@ -129,15 +113,12 @@ def dtype_name(x: Any) -> str:
 
 def describe_leaves(tree: Any, *, checksums: bool) -> tuple[LeafInfo, ...]:
     """Shape, dtype (and checksum) of every array in ``tree``, sorted by path."""
-    infos = [
+    infos = (
         LeafInfo(
-            path,
-            tuple(int(d) for d in np.shape(x)),
-            dtype_name(x),
-            checksum(x) if checksums else None,
+            path, tuple(map(int, np.shape(x))), dtype_name(x), checksum(x) if checksums else None
         )
         for path, x in flatten(tree)
-    ]
+    )
     return tuple(sorted(infos, key=lambda i: i.path))
 
 
@@ -149,26 +130,20 @@ def build_metadata(
     checksums: bool = True,
 ) -> CheckpointMetadata:
     """Metadata for ``[(spec, {host path: params tree}), ...]`` and ``{host path: base params}``."""
-    from jadapters import __version__
-
-    entries = []
-    for spec, hosts in adapters:
-        entries.append(
-            AdapterEntry(
-                name=spec.name,
-                group=spec.group,
-                config=config_to_dict(spec.cfg),
-                cfg=spec.cfg,
-                insertion=spec.insertion,
-                enabled=bool(spec.enabled),
-                hosts=tuple(
-                    HostEntry(path, describe_leaves(params, checksums=checksums))
-                    for path, params in hosts.items()
-                ),
-            )
+    entries = tuple(
+        AdapterEntry(
+            spec.name,
+            spec.group,
+            config_to_dict(spec.cfg),
+            spec.cfg,
+            spec.insertion,
+            bool(spec.enabled),
+            tuple(HostEntry(p, describe_leaves(t, checksums=checksums)) for p, t in hosts.items()),
         )
+        for spec, hosts in adapters
+    )
     prints = {path: describe_leaves(tree, checksums=False) for path, tree in fingerprint.items()}
-    return CheckpointMetadata(tuple(entries), prints, framework, __version__)
+    return CheckpointMetadata(entries, prints, framework, __version__)
 
 
 # ---- JSON ------------------------------------------------------------------------------------
@@ -195,7 +170,7 @@ def fingerprint_digest(fingerprint: Mapping[str, Sequence[LeafInfo]]) -> str:
 
 
 def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
-    """The JSON object written to ``metadata.json``."""
+    """The JSON object stored as the checkpoint's metadata item."""
     return {
         "format": FORMAT_NAME,
         "format_version": meta.format_version,
@@ -205,7 +180,7 @@ def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
             {
                 "name": e.name,
                 "group": e.group,
-                "type": e.type,
+                "type": str(e.config.get("type")),
                 "config": e.config,
                 "insertion": e.insertion,
                 "enabled": e.enabled,
@@ -217,7 +192,6 @@ def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
         ],
         "base_fingerprint": fingerprint_json(meta.fingerprint),
         "base_fingerprint_sha256": fingerprint_digest(meta.fingerprint),
-        "files": [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in meta.files],
     }
 
 
@@ -225,12 +199,12 @@ class _Malformed(ValueError):
     pass
 
 
-def _need(data: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _need(data: Any, key: str, kind: type, where: str) -> Any:
     if not isinstance(data, dict) or key not in data:
         raise _Malformed(f"{where} has no {key!r}")
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _Malformed(f"{where}[{key!r}] must be {kind}, got {value!r}")
+        raise _Malformed(f"{where}[{key!r}] must be {kind.__name__}, got {value!r}")
     return value
 
 
@@ -238,22 +212,49 @@ def _leaf_from_json(data: Any, where: str) -> LeafInfo:
     path = _need(data, "path", list, where)
     shape = _need(data, "shape", list, where)
     dtype = _need(data, "dtype", str, where)
-    if not all(isinstance(p, str) for p in path) or not path:
+    digest = data.get("sha256")
+    if not path or not all(isinstance(p, str) for p in path):
         raise _Malformed(f"{where}['path'] must be a non-empty list of strings, got {path!r}")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _Malformed(f"{where}['shape'] must be non-negative ints, got {shape!r}")
-    try:
-        np.dtype(dtype)
-    except TypeError as err:
-        raise _Malformed(f"{where}['dtype'] {dtype!r} is not a dtype") from err
-    digest = data.get("sha256")
-    if digest is not None and not isinstance(digest, str):
+    if not isinstance(digest, (str, type(None))):
         raise _Malformed(f"{where}['sha256'] must be a string, got {digest!r}")
+    try:
+        numeric = jax.dtypes.issubdtype(np.dtype(dtype), np.number) or dtype == "bool"
+    except TypeError:
+        numeric = False
+    if not numeric:
+        raise _Malformed(f"{where}['dtype'] {dtype!r} is not a numeric or bool dtype")
     return LeafInfo(tuple(path), tuple(shape), dtype, digest)
 
 
+def _adapter_from_json(item: Any, where: str, decode: bool) -> AdapterEntry:
+    name = _need(item, "name", str, where)
+    check_name(name)
+    config = _need(item, "config", dict, where)
+    insertion = _need(item, "insertion", str, where)
+    if insertion not in INSERTIONS:
+        raise _Malformed(f"{where}['insertion'] must be one of {INSERTIONS}, got {insertion!r}")
+    hosts = []
+    for j, host in enumerate(_need(item, "hosts", list, where)):
+        hwhere = f"{where}['hosts'][{j}]"
+        leaves = _need(host, "params", list, hwhere)
+        path = _need(host, "path", str, hwhere)
+        hosts.append(
+            HostEntry(path, tuple(_leaf_from_json(x, f"{hwhere}['params']") for x in leaves))
+        )
+    if not hosts:
+        raise _Malformed(f"{where}['hosts'] is empty")
+    group, enabled = _need(item, "group", str, where), _need(item, "enabled", bool, where)
+    try:
+        cfg = config_from_dict(config) if decode else None
+    except (TypeError, KeyError, AttributeError) as err:  # a config of the wrong shape
+        raise _Malformed(f"{where}['config'] is malformed: {type(err).__name__}: {err}") from None
+    return AdapterEntry(name, group, config, cfg, insertion, enabled, tuple(hosts))
+
+
 def from_json(data: Any, *, decode_configs: bool = True) -> CheckpointMetadata:
-    """Validates and reads the ``metadata.json`` object.
+    """Validates and reads the metadata JSON object.
 
     Args:
       data: the parsed JSON.
@@ -268,73 +269,35 @@ def from_json(data: Any, *, decode_configs: bool = True) -> CheckpointMetadata:
         if _need(data, "format", str, "metadata") != FORMAT_NAME:
             raise _Malformed(f"metadata['format'] must be {FORMAT_NAME!r}, got {data['format']!r}")
         version = _need(data, "format_version", int, "metadata")
-        if version > FORMAT_VERSION or version < 1:
+        if version == 1:
+            raise ValueError(f"the adapter checkpoint metadata is not supported: {FORMAT_1_HELP}")
+        if version != FORMAT_VERSION:
+            newer = " Upgrade jadapters to read it." if version > FORMAT_VERSION else ""
             raise ValueError(
                 f"checkpoint format version {version} is not supported; this jadapters reads "
-                f"versions 1 to {FORMAT_VERSION}. Upgrade jadapters to read it."
+                f"version {FORMAT_VERSION}.{newer}"
             )
-        entries = []
-        for i, item in enumerate(_need(data, "adapters", list, "metadata")):
-            where = f"metadata['adapters'][{i}]"
-            name = _need(item, "name", str, where)
-            check_name(name)
-            group = _need(item, "group", str, where)
-            config = _need(item, "config", dict, where)
-            insertion = _need(item, "insertion", str, where)
-            if insertion not in INSERTIONS:
-                raise _Malformed(f"{where}['insertion'] must be one of {INSERTIONS}")
-            hosts = []
-            for j, host in enumerate(_need(item, "hosts", list, where)):
-                hwhere = f"{where}['hosts'][{j}]"
-                leaves = _need(host, "params", list, hwhere)
-                hosts.append(
-                    HostEntry(
-                        _need(host, "path", str, hwhere),
-                        tuple(_leaf_from_json(x, f"{hwhere}['params']") for x in leaves),
-                    )
-                )
-            if not hosts:
-                raise _Malformed(f"{where}['hosts'] is empty")
-            cfg = config_from_dict(config) if decode_configs else None
-            entries.append(
-                AdapterEntry(
-                    name,
-                    group,
-                    config,
-                    cfg,
-                    insertion,
-                    bool(_need(item, "enabled", bool, where)),
-                    tuple(hosts),
-                )
-            )
+        entries = [
+            _adapter_from_json(item, f"metadata['adapters'][{i}]", decode_configs)
+            for i, item in enumerate(_need(data, "adapters", list, "metadata"))
+        ]
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise _Malformed(f"metadata lists an adapter name twice: {names}")
         prints = {}
         for host, leaves in _need(data, "base_fingerprint", dict, "metadata").items():
-            if not isinstance(leaves, list):
-                raise _Malformed(f"metadata['base_fingerprint'][{host!r}] must be a list")
             where = f"metadata['base_fingerprint'][{host!r}]"
+            if not isinstance(leaves, list):
+                raise _Malformed(f"{where} must be a list")
             prints[host] = tuple(_leaf_from_json(x, where) for x in leaves)
-        files = []
-        if not isinstance(data.get("files", []), list):
-            raise _Malformed("metadata['files'] must be a list")
-        for i, item in enumerate(data.get("files", [])):
-            where = f"metadata['files'][{i}]"
-            files.append(
-                FileInfo(
-                    _need(item, "path", str, where),
-                    _need(item, "bytes", int, where),
-                    _need(item, "sha256", str, where),
-                )
-            )
         return CheckpointMetadata(
             tuple(entries),
             prints,
             _need(data, "framework", str, "metadata"),
             _need(data, "library_version", str, "metadata"),
             version,
-            tuple(files),
         )
     except _Malformed as err:
-        raise ValueError(f"adapter checkpoint metadata is malformed: {err}.") from None
+        raise ValueError(
+            f"adapter checkpoint metadata is malformed: {err}. Save the adapters again."
+        ) from None

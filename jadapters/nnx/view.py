@@ -112,7 +112,7 @@ class NNXView:
         return layouts
 
     def replace_base(self, hosts: Mapping[str, Mapping[str, Any]]) -> nnx.State:
-        pure = nnx.state(self.model, nnx.Param).to_pure_dict()
+        pure = nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
         for path, new in hosts.items():
             node = pure
             for key in path.split("/") if path else ():
@@ -127,7 +127,7 @@ class NNXView:
         state = nnx.state(self.model, nnx.Any(nnx.Param, AdapterParam))
         flat = nnx.to_flat_state(state)
         labels = [(path, TRAINABLE if trainable(path, var) else FROZEN) for path, var in flat]
-        return nnx.from_flat_state(labels).to_pure_dict()
+        return nnx.to_pure_dict(nnx.from_flat_state(labels))
 
     def check_hosts(self, spec: AdapterSpec, paths: Sequence[str]) -> None:
         hosts = self.hosts(spec.group)
