@@ -248,7 +248,9 @@ class NNXTrainStep:
 
     def _token(self, model: Any, optimizer: Any, modes: list) -> tuple:
         flags = tuple(getattr(m, a) for m, a in modes)
-        return (id(model), id(optimizer), model.get_adapter_specs(), flags)
+        specs = getattr(model, "get_adapter_specs", None)
+        adapters = specs() if specs is not None else model._adapter_set()  # a host mixin
+        return (id(model), id(optimizer), adapters, flags)
 
     def __call__(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> dict:
         if self._bound is not None:
