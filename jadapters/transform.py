@@ -61,8 +61,11 @@ def adapter_transform(
     """
     groups = normalize_targets(targets)
     accepted = tuple(accepted_types)
-    if isinstance(model, AdaptedLinen):
-        raise ValueError("model is already adapted; add adapters to it with add_adapter.")
+    if isinstance(model, AdaptedLinen) or getattr(model, "_adapter_groups", None):
+        raise ValueError(
+            f"model is already adapted (a {type(model).__name__}); add adapters to it with "
+            "add_adapter, or adapt the unwrapped model with all its target groups at once."
+        )
     if isinstance(model, nn.Module):
         return AdaptedLinen(boxed=_Boxed(model), groups=groups, accepted_types=accepted)
     if isinstance(model, nnx.Module):
