@@ -6,9 +6,10 @@ training). The front-ends record each one where JAX code can collect it:
 * Linen: in the ``"adapter_losses"`` collection. Apply with
   ``mutable=["adapter_losses"]`` and pass the returned collection to
   :func:`total_auxiliary_loss`.
-* NNX: as :class:`AdapterLoss` variables on the adapters. Collect them with
-  ``nnx.pop(model, jadapters.AdapterLoss)`` and pass the result to
-  :func:`total_auxiliary_loss`.
+* NNX: as :class:`AdapterLoss` values. Run the model under
+  ``nnx.capture(model, jadapters.AdapterLoss)(x)``, which returns ``(output, losses)``, or
+  call it plainly and collect the ``aux_loss`` variables left on the adapters with
+  ``nnx.pop(model, jadapters.AdapterLoss)``. Pass either to :func:`total_auxiliary_loss`.
 
 Both record the sum over calls, so a host called twice contributes twice.
 """

@@ -458,6 +458,10 @@ def test_l2_auxiliary_loss(block, randomize_adapters):
     np.testing.assert_allclose(
         jadapters.total_auxiliary_loss(nnx.pop(block, AdapterLoss)), 2 * expected, rtol=1e-5
     )
+    # nnx.capture collects the same loss and leaves nothing on the module.
+    _, captured = nnx.capture(block, AdapterLoss)(x)
+    np.testing.assert_allclose(jadapters.total_auxiliary_loss(captured), expected, rtol=1e-5)
+    assert float(jadapters.total_auxiliary_loss(nnx.pop(block, AdapterLoss))) == 0.0
     # No loss in eval.
     block.eval()
     block(x)

@@ -292,3 +292,26 @@ def test_split_model_round_trip(adapted, x):
     _assert_states_equal(nnx.state(base, nnx.Param), nnx.state(adapted, nnx.Param))
     rebuilt = nnx.merge(graphdef, adapters, base)
     np.testing.assert_array_equal(rebuilt(x), adapted(x))
+
+
+def test_a_new_adapter_joins_in_the_mode_of_the_others():
+    model = jadapters.adapter_transform(
+        nnx.Sequential(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 3, rngs=nnx.Rngs(1))),
+        {"": "layers/0", "second": "layers/1"},
+    )
+    l2 = jadapters.LinearAdapterConfig(
+        dim=2, adapter_strategy=jadapters.ResidualAddStrategy(l2_lambda=1.0)
+    )
+    model.add_adapter("a", l2, rngs=nnx.Rngs(2))
+    assert model.get_adapter_modules("a")[("layers", 0)].deterministic is False  # NNX default
+    model.eval()
+    model.add_adapter("second:b", l2, rngs=nnx.Rngs(3))  # on another host: the model's mode
+    model.layers[0].add_adapter("c", l2, rngs=nnx.Rngs(4))  # host level: that host's mode
+    shells = [m.get_adapter_module(n) for m, n in ((model.layers[1], "b"), (model.layers[0], "c"))]
+    assert all(s.deterministic for s in shells)
+    nnx.update(model, jax.tree.map(lambda v: v + 0.5, nnx.state(model, jadapters.AdapterParam)))
+    model(jnp.ones((2, 3)))
+    assert jax.tree.leaves(nnx.pop(model, jadapters.AdapterLoss)) == []  # nothing trains
+    model.train()
+    model(jnp.ones((2, 3)))
+    assert len(jax.tree.leaves(nnx.pop(model, jadapters.AdapterLoss))) == 3  # a, b and c

@@ -133,6 +133,14 @@ class _NNXHostIO:
         return getattr(self.host, NNX_ADAPTER_ATTR)[name]
 
 
+def _adapter_mode(root: Any) -> bool | None:
+    """``deterministic`` of the first adapter under ``root``, or ``None`` if it has none."""
+    for _, node in nnx.iter_graph(root):
+        if isinstance(node, NNXAdapter):
+            return bool(node.deterministic)
+    return None
+
+
 def _bare(name: str) -> str:
     """A module-level mixin holds one module's adapters: ``"module:name"`` means ``name``."""
     return name.rpartition(":")[2] if isinstance(name, str) else name
@@ -247,7 +255,12 @@ class AdapterModuleMixin:
         shell = NNXAdapter(cfg, (1, features), rngs=rngs, dtype=dtype, out_features=out_features)
         return shell, new_set
 
-    def _attach_adapter(self, shell: NNXAdapter, new_set: AdapterSet) -> None:
+    def _attach_adapter(self, shell: NNXAdapter, new_set: AdapterSet, mode=None) -> None:
+        # A new adapter joins in the mode of those already there (model.eval() before an
+        # add must not leave the new one training); with none, NNX's default: training.
+        mode = _adapter_mode(self) if mode is None else mode
+        if mode is not None:
+            shell.deterministic = mode
         if getattr(self, "adapter_layer", None) is None:
             self.adapter_layer = nnx.Dict()
         self.adapter_layer[new_set.specs[-1].name] = shell
@@ -428,8 +441,9 @@ class AdapterModelMixin:
             )
             for host in self.adapter_group_modules(group)
         ]
+        mode = _adapter_mode(self)
         for host, (shell, host_set) in prepared:
-            host._attach_adapter(shell, host_set)
+            host._attach_adapter(shell, host_set, mode=mode)
         self._model_adapters_spec = new_set
 
     def remove_adapter(self, name: str) -> None:

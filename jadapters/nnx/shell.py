@@ -118,11 +118,26 @@ class NNXAdapter(nnx.Module):
         return self.rngs() if self.rngs is not None else None
 
     def record_loss(self, loss: jax.Array) -> None:
-        """Adds ``loss`` to this adapter's :class:`~jadapters.AdapterLoss` of the forward."""
-        self.sow(
-            AdapterLoss,
-            "aux_loss",
-            loss,
-            reduce_fn=lambda a, b: a + b,
-            init_fn=lambda: jnp.zeros((), jnp.float32),
-        )
+        """Adds ``loss`` to this adapter's :class:`~jadapters.AdapterLoss` of the forward.
+
+        Inside ``nnx.capture(..., jadapters.AdapterLoss)`` the loss goes to the capture;
+        otherwise it accumulates in the ``aux_loss`` variable, which ``nnx.pop(model,
+        jadapters.AdapterLoss)`` collects (and removes).
+        """
+        loss = jnp.asarray(loss, jnp.float32)
+        if hasattr(self, "__captures__"):
+            self.sow(AdapterLoss, "aux_loss", loss, reduce_fn=_add, init_fn=_zero)
+            return
+        current = getattr(self, "aux_loss", None)
+        if current is None:
+            self.aux_loss = AdapterLoss(loss)
+        else:
+            current.set_value(current.get_value() + loss)
+
+
+def _add(a, b):
+    return a + b
+
+
+def _zero():
+    return jnp.zeros((), jnp.float32)
