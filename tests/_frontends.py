@@ -43,6 +43,28 @@ TRANSFORMER = dict(num_classes=10, d_model=16, num_layers=2, num_heads=2, mlp_di
 # --- plain nested dicts -----------------------------------------------------------------------
 
 
+def f64(tree: Any) -> Any:
+    """Every leaf as a float64 NumPy array: the formulas below compute in float64."""
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def np_adapter(params: Any, z: Any) -> np.ndarray:
+    """The LinearAdapter's raw output (norm 'pre', swish): LN(z) @ down -> swish -> @ up."""
+    p, z = f64(params), np.asarray(z, np.float64)
+    mean = z.mean(-1, keepdims=True)
+    var = ((z - mean) ** 2).mean(-1, keepdims=True)
+    h = (z - mean) / np.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
+    h = h @ p["down"]["kernel"]
+    h = h / (1.0 + np.exp(-h))
+    return h @ p["up"]["kernel"]
+
+
+def np_dense(params: Any, z: Any) -> np.ndarray:
+    """A Dense layer's output in float64."""
+    p = f64(params)
+    return np.asarray(z, np.float64) @ p["kernel"] + p["bias"]
+
+
 def _key(node: Mapping, part: str) -> Any:
     if part in node:
         return part

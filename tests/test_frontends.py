@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 from _data import digits
-from _frontends import FRONTENDS, flat, get_at, host_copy, set_at
+from _frontends import FRONTENDS, f64, flat, get_at, host_copy, np_adapter, np_dense, set_at
 from flax import nnx
 
 import jadapters
@@ -46,26 +46,6 @@ MLP_HOSTS = [f"blocks#{i}/mlp" for i in range(LAYERS)]
 
 def _normal(shape, seed=0, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-def _f64(tree):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-
-
-def np_adapter(params, z):
-    """The LinearAdapter's raw output (norm 'pre', swish): LN(z) @ down -> swish -> @ up."""
-    p, z = _f64(params), np.asarray(z, np.float64)
-    mean = z.mean(-1, keepdims=True)
-    var = ((z - mean) ** 2).mean(-1, keepdims=True)
-    h = (z - mean) / np.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
-    h = h @ p["down"]["kernel"]
-    h = h / (1.0 + np.exp(-h))
-    return h @ p["up"]["kernel"]
-
-
-def np_dense(params, z):
-    p = _f64(params)
-    return np.asarray(z, np.float64) @ p["kernel"] + p["bias"]
 
 
 def assert_trees_equal(a, b):
@@ -573,7 +553,7 @@ def test_lora_is_the_host_with_an_updated_kernel(fe_name, host_id):
     base, h = _one_host(fe, make_host, x, [("lora", LoRAConfig(rank=RANK, alpha=ALPHA))])
     host = fe.path("layers#0")
     h.randomize(seed=1)
-    lora = _f64(h.params_at(host, "lora"))
+    lora = f64(h.params_at(host, "lora"))
     a, b = lora["a"], lora["b"]
     n_in, n_out = FLAT_SHAPE[host_id]
     assert a.shape == (n_in, RANK) and b.shape == (RANK, n_out)
@@ -606,9 +586,9 @@ def test_lora_on_a_dense_host_matches_the_explicit_formula(fe, use_jit):
     h.randomize(seed=1)
     got = h.jit(x) if use_jit else h(x)
     host = fe.path("layers#0")
-    w, bias = (_f64(get_at(h.base_params(), host)[k]) for k in ("kernel", "bias"))
-    a, b = (_f64(h.params_at(host, "lora")[k]) for k in ("a", "b"))
-    xn = _f64(x)
+    w, bias = (f64(get_at(h.base_params(), host)[k]) for k in ("kernel", "bias"))
+    a, b = (f64(h.params_at(host, "lora")[k]) for k in ("a", "b"))
+    xn = f64(x)
     np.testing.assert_allclose(got, xn @ w + bias + SCALE * xn @ a @ b, rtol=1e-5, atol=1e-5)
     assert np.abs(SCALE * xn @ a @ b).max() > 0.1  # the update is not negligible
 
@@ -621,10 +601,10 @@ def test_lora_keeps_bfloat16_inputs(fe):
     got, base_out = h(x), base(x)
     assert got.dtype == base_out.dtype == jnp.bfloat16
     host = fe.path("layers#0")
-    w, bias = (_f64(get_at(h.base_params(), host)[k]) for k in ("kernel", "bias"))
-    a, b = (_f64(h.params_at(host, "lora")[k]) for k in ("a", "b"))
-    expected = _f64(x) @ w + bias + SCALE * _f64(x) @ a @ b
-    np.testing.assert_allclose(_f64(got), expected, rtol=5e-2, atol=5e-2)
+    w, bias = (f64(get_at(h.base_params(), host)[k]) for k in ("kernel", "bias"))
+    a, b = (f64(h.params_at(host, "lora")[k]) for k in ("a", "b"))
+    expected = f64(x) @ w + bias + SCALE * f64(x) @ a @ b
+    np.testing.assert_allclose(f64(got), expected, rtol=5e-2, atol=5e-2)
 
 
 NON_DENSE = {
@@ -705,7 +685,7 @@ def test_ia3_scales_the_host_output(fe_name, host_id):
     np.testing.assert_array_equal(h(x), base_out)  # identity at init
     scale = _ia3_scale(l_shape)
     h.set_params_at(host, "ia3", {"scale": scale})
-    np.testing.assert_allclose(h(x), _f64(base_out) * _f64(scale), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h(x), f64(base_out) * f64(scale), rtol=1e-6, atol=1e-6)
 
 
 def test_ia3_keeps_bfloat16_output(fe):
@@ -715,12 +695,12 @@ def test_ia3_keeps_bfloat16_output(fe):
     h.set_params_at(fe.path("layers#0"), "ia3", {"scale": scale})
     got, base_out = h(x), base(x)
     assert got.dtype == base_out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(_f64(got), _f64(base_out) * _f64(scale), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(f64(got), f64(base_out) * f64(scale), rtol=2e-2, atol=2e-2)
 
 
 def _np_parallel(params, x, scale):
-    p = _f64(params)
-    h = np.maximum(_f64(x) @ p["down"]["kernel"] + p["down"]["bias"], 0.0)  # relu
+    p = f64(params)
+    h = np.maximum(f64(x) @ p["down"]["kernel"] + p["down"]["bias"], 0.0)  # relu
     return scale * (h @ p["up"]["kernel"] + p["up"]["bias"])
 
 
@@ -744,9 +724,9 @@ def test_parallel_adapter_matches_the_explicit_formula(fe, learn_scale):
     h.randomize(seed=1)
     params = h.params_at(host, "par")
     scale = float(params["scale"]) if learn_scale else 4.0
-    expected = _f64(base_out) + _np_parallel(params, x, scale)
+    expected = f64(base_out) + _np_parallel(params, x, scale)
     np.testing.assert_allclose(h(x), expected, rtol=1e-5, atol=1e-5)
-    assert np.abs(expected - _f64(base_out)).max() > 0.1
+    assert np.abs(expected - f64(base_out)).max() > 0.1
 
 
 # --- merging ------------------------------------------------------------------------------------
@@ -787,7 +767,7 @@ def test_merged_base_equals_adapted_at_the_base_cost(fe, merge_setup, base, x):
     h = merge_setup.copy()
     original = host_copy(h.base_params())
     adapted_out = h(x)
-    assert np.abs(_f64(adapted_out) - _f64(base(x))).max() > 1e-2
+    assert np.abs(f64(adapted_out) - f64(base(x))).max() > 1e-2
     base_counts = base.counts(x)
     assert h.counts(x)["dot_general"] > base_counts["dot_general"]
 
@@ -801,7 +781,7 @@ def test_merged_base_equals_adapted_at_the_base_cost(fe, merge_setup, base, x):
     # Folded hosts changed, everything else is the very same value.
     for name in ("query", "key", "value", "out"):
         path = fe.path(f"blocks#0/attn/{name}/kernel")
-        assert np.abs(_f64(get_at(merged, path)) - _f64(get_at(original, path))).max() > 1e-3
+        assert np.abs(f64(get_at(merged, path)) - f64(get_at(original, path))).max() > 1e-3
     for path in fe.path(["blocks#0/mlp/fc2", "embed", "head", "blocks#1/ln1"]):
         assert_trees_equal(get_at(merged, path), get_at(original, path))
     # Merging changed nothing: the adapted model still has its base and output.
@@ -855,7 +835,7 @@ def test_unmergeable_adapter_raises_naming_it(fe, cfg, kind):
 
 
 def _ab(params):
-    return _f64(params["a"]) @ _f64(params["b"])
+    return f64(params["a"]) @ f64(params["b"])
 
 
 def test_weighted_combination_of_two_loras(fe):
@@ -869,12 +849,12 @@ def test_weighted_combination_of_two_loras(fe):
     lora = {name: h.params_at(host, name) for name in ("l1", "l2")}
     merged_all = h.merge(weights={"l1": 0.3, "l2": 0.7})
     merged = get_at(merged_all, host)
-    expected = _f64(params["kernel"]) + 0.3 * 1.5 * _ab(lora["l1"]) + 0.7 * 1.0 * _ab(lora["l2"])
+    expected = f64(params["kernel"]) + 0.3 * 1.5 * _ab(lora["l1"]) + 0.7 * 1.0 * _ab(lora["l2"])
     np.testing.assert_allclose(merged["kernel"], expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(merged["bias"], params["bias"])
     np.testing.assert_allclose(
         base.run_with(merged_all, x),
-        _f64(x) @ expected + _f64(params["bias"]),
+        f64(x) @ expected + f64(params["bias"]),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -887,8 +867,8 @@ def test_scaled_add_strategy_factor_is_folded(fe):
     base, h = _one_host(fe, fe.dense(D, OUT), x, [("lora", lora_cfg), ("ia3", ia3_cfg)])
     h.set_adapters(_merge_noise(h.adapters()))
     host = fe.path("layers#0")
-    w, bias = (_f64(get_at(h.base_params(), host)[k]) for k in ("kernel", "bias"))
-    ia3 = 1.0 + 0.5 * (_f64(h.params_at(host, "ia3")["scale"]) - 1.0)
+    w, bias = (f64(get_at(h.base_params(), host)[k]) for k in ("kernel", "bias"))
+    ia3 = 1.0 + 0.5 * (f64(h.params_at(host, "ia3")["scale"]) - 1.0)
     merged_all = h.merge()
     merged = get_at(merged_all, host)
     expected_kernel = (w + 0.25 * 2.0 * _ab(h.params_at(host, "lora"))) * ia3
@@ -906,6 +886,6 @@ def test_bfloat16_base_kernel_stays_bfloat16(fe):
     kernel = get_at(h.base_params(), host)["kernel"]
     merged = get_at(h.merge(), host)["kernel"]
     assert kernel.dtype == merged.dtype == jnp.bfloat16
-    expected = (_f64(kernel) + 2.0 * _ab(h.params_at(host, "lora"))).astype(np.float32)
-    np.testing.assert_allclose(_f64(merged), expected, rtol=1e-2, atol=1e-2)
-    assert np.abs(_f64(merged) - _f64(kernel)).max() > 0.1
+    expected = (f64(kernel) + 2.0 * _ab(h.params_at(host, "lora"))).astype(np.float32)
+    np.testing.assert_allclose(f64(merged), expected, rtol=1e-2, atol=1e-2)
+    assert np.abs(f64(merged) - f64(kernel)).max() > 0.1

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _frontends import np_adapter, np_dense
 
 import jadapters
 from jadapters import LinearAdapterConfig
@@ -35,26 +36,6 @@ def _noise_like(tree, seed=1, scale=0.5):
     """Every leaf replaced by NumPy noise (so nothing is compiled for it)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), tree)
-
-
-def _f64(tree):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-
-
-def np_adapter(params, z):
-    """The LinearAdapter's raw output (norm 'pre', swish): LN(z) @ down -> swish -> @ up."""
-    p, z = _f64(params), np.asarray(z, np.float64)
-    mean = z.mean(-1, keepdims=True)
-    var = ((z - mean) ** 2).mean(-1, keepdims=True)
-    h = (z - mean) / np.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
-    h = h @ p["down"]["kernel"]
-    h = h / (1.0 + np.exp(-h))
-    return h @ p["up"]["kernel"]
-
-
-def np_dense(params, z):
-    p = _f64(params)
-    return np.asarray(z, np.float64) @ p["kernel"] + p["bias"]
 
 
 def _flat_paths(tree):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _frontends import np_adapter
 from flax import nnx
 
 import jadapters
@@ -48,21 +49,6 @@ def _randomize_adapters(model, seed=1, scale=0.5):
         model,
         jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), state),
     )
-
-
-def _f64(tree):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
-
-
-def np_adapter(params, z):
-    """The LinearAdapter's raw output (norm 'pre', swish): LN(z) @ down -> swish -> @ up."""
-    p, z = _f64(params), np.asarray(z, np.float64)
-    mean = z.mean(-1, keepdims=True)
-    var = ((z - mean) ** 2).mean(-1, keepdims=True)
-    h = (z - mean) / np.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
-    h = h @ p["down"]["kernel"]
-    h = h / (1.0 + np.exp(-h))
-    return h @ p["up"]["kernel"]
 
 
 def np_linear(linear, z):
