@@ -75,7 +75,10 @@ class NNXAdapter(nnx.Module):
             )
         self.params = nnx.data(jax.tree.map(AdapterParam, dict(variables["params"])))
         self.deterministic = False
-        self.rngs = nnx.data(rngs["dropout"].fork() if "dropout" in rngs else None)
+        # A stream only where the config can draw from it (dropout, stochastic depth): an
+        # adapter that never draws keys carries no RNG state.
+        random = needs_key(module, training=True)
+        self.rngs = nnx.data(rngs["dropout"].fork() if random and "dropout" in rngs else None)
 
     @property
     def module(self) -> Any:
