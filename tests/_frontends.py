@@ -43,6 +43,26 @@ TRANSFORMER = dict(num_classes=10, d_model=16, num_layers=2, num_heads=2, mlp_di
 # --- plain nested dicts -----------------------------------------------------------------------
 
 
+def assert_trees_equal(a: Any, b: Any) -> None:
+    """Same structure and bitwise-equal leaves."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def merge_noise(tree: Any, seed: int = 1) -> Any:
+    """LoRA factors as noise; IA3 scales as ``1 + noise`` (so far from 0)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        noise = 0.3 * rng.standard_normal(np.shape(x))
+        if getattr(path[-1], "key", None) == "scale":
+            noise = 1.0 + noise
+        return jnp.asarray(noise, jnp.result_type(x))
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
 def f64(tree: Any) -> Any:
     """Every leaf as a float64 NumPy array: the formulas below compute in float64."""
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)

@@ -46,6 +46,17 @@ def normal(shape, seed=0, dtype=np.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
 
 
+@pytest.fixture(scope="module")
+def quick_compiles():
+    """XLA without its optimization passes: compiles about twice as fast, for test modules
+    that check the library's logic, not XLA's (``pytestmark = pytest.mark.usefixtures(
+    "quick_compiles")``). Restored when the module ends."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)

@@ -18,7 +18,18 @@ import numpy as np
 import optax
 import pytest
 from _data import digits
-from _frontends import FRONTENDS, f64, flat, get_at, host_copy, np_adapter, np_dense, set_at
+from _frontends import (
+    FRONTENDS,
+    assert_trees_equal,
+    f64,
+    flat,
+    get_at,
+    host_copy,
+    merge_noise,
+    np_adapter,
+    np_dense,
+    set_at,
+)
 from flax import nnx
 
 import jadapters
@@ -48,24 +59,10 @@ def _normal(shape, seed=0, dtype=jnp.float32):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
-def assert_trees_equal(a, b):
-    """Same structure and bitwise-equal leaves."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
 # --- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-    """XLA without its optimization passes: compiles about twice as fast, and these tests
-    check the library's logic, not XLA's. Restored when the module ends."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 @pytest.fixture(scope="module", params=list(FRONTENDS))
@@ -737,19 +734,6 @@ MERGE_GROUPS = {
 }
 
 
-def _merge_noise(tree, seed=1):
-    """LoRA factors as noise; IA3 scales as ``1 + noise`` (so far from 0)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        noise = 0.3 * rng.standard_normal(np.shape(x))
-        if getattr(path[-1], "key", None) == "scale":
-            noise = 1.0 + noise
-        return jnp.asarray(noise, jnp.result_type(x))
-
-    return jax.tree_util.tree_map_with_path(leaf, tree)
-
-
 @pytest.fixture(scope="module")
 def merge_setup(fe, base, x):
     """The transformer with LoRA on q/v/out and mlp/fc1, IA3 on k/v."""
@@ -759,7 +743,7 @@ def merge_setup(fe, base, x):
         [("lora:lora", LoRAConfig(rank=2, alpha=4.0)), ("ia3:ia3", IA3Config())],
         x,
     )
-    h.set_adapters(_merge_noise(h.adapters()))
+    h.set_adapters(merge_noise(h.adapters()))
     return h
 
 
@@ -843,7 +827,7 @@ def test_weighted_combination_of_two_loras(fe):
     l1 = LoRAConfig(rank=2, alpha=3.0)  # scale 1.5
     l2 = LoRAConfig(rank=4, alpha=2.0, rslora=True)  # scale 1.0
     base, h = _one_host(fe, fe.dense(D, OUT), x, [("l1", l1), ("l2", l2)])
-    h.set_adapters(_merge_noise(h.adapters()))
+    h.set_adapters(merge_noise(h.adapters()))
     host = fe.path("layers#0")
     params = get_at(h.base_params(), host)
     lora = {name: h.params_at(host, name) for name in ("l1", "l2")}
@@ -865,7 +849,7 @@ def test_scaled_add_strategy_factor_is_folded(fe):
     lora_cfg = LoRAConfig(rank=2, alpha=4.0, adapter_strategy=ScaledAddStrategy(scale=0.25))
     ia3_cfg = IA3Config(adapter_strategy=ScaledAddStrategy(scale=0.5))
     base, h = _one_host(fe, fe.dense(D, OUT), x, [("lora", lora_cfg), ("ia3", ia3_cfg)])
-    h.set_adapters(_merge_noise(h.adapters()))
+    h.set_adapters(merge_noise(h.adapters()))
     host = fe.path("layers#0")
     w, bias = (f64(get_at(h.base_params(), host)[k]) for k in ("kernel", "bias"))
     ia3 = 1.0 + 0.5 * (f64(h.params_at(host, "ia3")["scale"]) - 1.0)
@@ -881,7 +865,7 @@ def test_bfloat16_base_kernel_stays_bfloat16(fe):
     x = _normal((2, D), seed=3, dtype=jnp.bfloat16)
     make_host = fe.dense(D, OUT, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     _, h = _one_host(fe, make_host, x, [("lora", LoRAConfig(rank=2, alpha=4.0))])
-    h.set_adapters(_merge_noise(h.adapters()))
+    h.set_adapters(merge_noise(h.adapters()))
     host = fe.path("layers#0")
     kernel = get_at(h.base_params(), host)["kernel"]
     merged = get_at(h.merge(), host)["kernel"]

@@ -8,10 +8,10 @@ hosts from example inputs.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _frontends import merge_noise
 from flax import nnx
 
 import jadapters
@@ -26,19 +26,6 @@ class _Holder(nnx.Module):
 
     def __call__(self, x):
         return self.host(x)
-
-
-def _random_adapters(tree, seed=1):
-    """LoRA factors as noise; IA3 scales as ``1 + noise`` (so far from 0)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        noise = 0.3 * rng.standard_normal(np.shape(x))
-        if getattr(path[-1], "key", None) == "scale":
-            noise = 1.0 + noise
-        return jnp.asarray(noise, jnp.result_type(x))
-
-    return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
 # --- every Dense-like host kind --------------------------------------------------------------
@@ -68,7 +55,7 @@ def _nnx_lora_ia3(make_host, ia3_width):
     model = jadapters.adapter_transform(_Holder(make_host(nnx.Rngs(0))), "host")
     model.add_adapter("lora", LoRAConfig(rank=2, alpha=3.0), rngs=nnx.Rngs(1))
     model.add_adapter("ia3", IA3Config(in_features=ia3_width), rngs=nnx.Rngs(2))
-    nnx.update(model, _random_adapters(nnx.state(model, jadapters.AdapterParam)))
+    nnx.update(model, merge_noise(nnx.state(model, jadapters.AdapterParam)))
     return model
 
 
@@ -114,7 +101,7 @@ def test_linen_merge_on_every_host_kind_is_right_or_refused(host_id, key):
     adapted = jadapters.adapter_transform(model, "layers_0")
     adapted = adapted.add_adapter("lora", LoRAConfig(rank=2, alpha=3.0))
     variables = adapted.init(key, x)
-    variables = {**variables, "adapters": _random_adapters(variables["adapters"])}
+    variables = {**variables, "adapters": merge_noise(variables["adapters"])}
     try:
         merged = jadapters.merge_adapters(adapted, variables)
     except ValueError as err:  # refusing is fine; a silently wrong kernel is not
@@ -133,7 +120,7 @@ def test_linen_merge_reads_the_host_when_given_inputs(key):
     adapted = jadapters.adapter_transform(model, "layers_0")
     adapted = adapted.add_adapter("lora", LoRAConfig(rank=2, alpha=3.0))
     variables = adapted.init(key, x)
-    variables = {**variables, "adapters": _random_adapters(variables["adapters"])}
+    variables = {**variables, "adapters": merge_noise(variables["adapters"])}
     with pytest.raises(ValueError, match="pass inputs="):
         jadapters.merge_adapters(adapted, variables)
     merged = jadapters.merge_adapters(adapted, variables, inputs=(x,))

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from _data import digits
+from _frontends import assert_trees_equal
 from flax import nnx
 
 import jadapters
@@ -28,14 +29,7 @@ CFG = LinearAdapterConfig(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-    """XLA without its optimization passes: compiles about twice as fast, and these tests
-    check the library's logic, not XLA's. Restored when the module ends."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +50,6 @@ def _fresh(model):
     """A copy of an NNX model with its own buffers (the train step donates them)."""
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a.copy(), state))
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
 
 
 def _noise_like(tree, seed=1, scale=0.5):
@@ -123,8 +111,8 @@ def test_freeze_base_gives_base_and_disabled_leaves_exactly_zero_updates(small):
         else:
             np.testing.assert_array_equal(update, np.zeros_like(update))
     new = optax.apply_updates(variables, updates)
-    _assert_trees_equal(new["params"], variables["params"])
-    _assert_trees_equal(new["adapters"]["layers_0"]["b"], variables["adapters"]["layers_0"]["b"])
+    assert_trees_equal(new["params"], variables["params"])
+    assert_trees_equal(new["adapters"]["layers_0"]["b"], variables["adapters"]["layers_0"]["b"])
 
 
 def test_optax_masked_alone_moves_the_frozen_base(small):
@@ -143,7 +131,7 @@ def test_optax_masked_alone_moves_the_frozen_base(small):
     frozen = jadapters.freeze_base(optax.sgd(0.1), jadapters.param_labels(adapted, variables))
     updates, _ = frozen.update(grads, frozen.init(variables), variables)
     kept = optax.apply_updates(variables, updates)
-    _assert_trees_equal(kept["params"], variables["params"])
+    assert_trees_equal(kept["params"], variables["params"])
     a = ("adapters", "layers_0", "a", "up", "kernel")
     np.testing.assert_allclose(
         _get(kept, a), _get(variables, a) - 0.1 * _get(grads, a), rtol=1e-6, atol=1e-7
@@ -159,7 +147,7 @@ def test_linen_step_trains_only_enabled_adapters(small):
     opt_state = step.init(adapters)
     assert _shapes(opt_state) == sorted([()] + 2 * _shapes(adapters["layers_0"]["a"]))
     new, _, _ = step(adapters, opt_state, base, batch, jax.random.key(0))
-    _assert_trees_equal(new["layers_0"]["b"], adapters["layers_0"]["b"])
+    assert_trees_equal(new["layers_0"]["b"], adapters["layers_0"]["b"])
     for p, q in zip(
         jax.tree.leaves(new["layers_0"]["a"]),
         jax.tree.leaves(adapters["layers_0"]["a"]),
@@ -218,7 +206,7 @@ def test_linen_loss_falls_with_the_base_bitwise_frozen(linen, linen_run, data):
     trained, _, history = linen_run
     first, last = _falls(history)
     assert last < 0.8 * first, (first, last)
-    _assert_trees_equal(base, before)  # the step neither donated nor changed the base
+    assert_trees_equal(base, before)  # the step neither donated nor changed the base
     x = data[0][:2]  # the shapes init ran on: eager ops already compiled
     model = LinenTransformer(**MODEL)
     base_out = model.apply(base, x)
@@ -287,7 +275,7 @@ def test_linen_keys_are_threaded(linen, data):
     same_a, _, ma = run(jax.random.key(1))
     same_b, _, mb = run(jax.random.key(1))
     other, _, mc = run(jax.random.key(2))
-    _assert_trees_equal(same_a, same_b)
+    assert_trees_equal(same_a, same_b)
     np.testing.assert_array_equal(ma["loss"], mb["loss"])
     assert float(mc["loss"]) != float(ma["loss"])
     assert any(
@@ -329,7 +317,7 @@ def test_nnx_loss_falls_with_the_base_bitwise_frozen(nnx_model, nnx_step, data):
     history = [jax.tree.map(float, nnx_step(model, optimizer, data)) for _ in range(STEPS)]
     first, last = _falls(history)
     assert last < 0.8 * first, (first, last)
-    _assert_trees_equal(nnx.state(model, nnx.Param), base)
+    assert_trees_equal(nnx.state(model, nnx.Param), base)
     assert history[0]["aux_loss"] == 0.0 and history[-1]["aux_loss"] > 0.0
     for m in history:
         assert np.float32(m["loss"]) == np.float32(m["task_loss"]) + np.float32(m["aux_loss"])
@@ -412,8 +400,8 @@ def test_nnx_conv_net_batch_norm_stays_frozen(data):
     assert model.bn_0.use_running_average and model.bn_1.use_running_average
     step = jadapters.nnx_train_step(_nnx_loss)
     history = [jax.tree.map(float, step(model, optimizer, (images, labels))) for _ in range(20)]
-    _assert_trees_equal(nnx.state(model, nnx.BatchStat), stats)
-    _assert_trees_equal(nnx.state(model, nnx.Param), params)
+    assert_trees_equal(nnx.state(model, nnx.BatchStat), stats)
+    assert_trees_equal(nnx.state(model, nnx.Param), params)
     first, last = _falls(history)
     assert last < first, (first, last)
 
@@ -464,7 +452,7 @@ def test_nnx_step_reuses_its_split_and_follows_adapter_and_mode_changes(nnx_mode
     # In eval mode neither dropout nor stochastic depth draws keys: the RNG counts stay.
     counts = nnx.state(model, nnx.RngCount)
     step(model, optimizer, batch)
-    _assert_trees_equal(nnx.state(model, nnx.RngCount), counts)
+    assert_trees_equal(nnx.state(model, nnx.RngCount), counts)
     # Disabling an adapter re-splits too, and then only the enabled one trains.
     model.train()
     model.set_enabled_adapters("other", enabled=False)

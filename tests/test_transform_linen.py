@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _frontends import np_adapter, np_dense
+from _frontends import assert_trees_equal, np_adapter, np_dense
 
 import jadapters
 from jadapters import LinearAdapterConfig
@@ -55,23 +55,10 @@ def _adapter_sites(adapter_tree):
     return sites
 
 
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
 # --- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-    """XLA without its optimization passes: compiles about twice as fast, and these tests
-    check the library's logic, not XLA's. Restored when the module ends."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +128,7 @@ def test_submodules_passed_as_attributes_init_like_the_unwrapped_model(kind):
         model = nn.Sequential([nn.Dense(4), nn.Dense(4)])
     x = _normal((2, 4))
     adapted = jadapters.adapter_transform(model, ".*")
-    _assert_trees_equal(
+    assert_trees_equal(
         adapted.init(jax.random.key(0), x)["params"], model.init(jax.random.key(0), x)["params"]
     )
 
@@ -162,14 +149,14 @@ def test_adapter_added_after_init_needs_init_adapters(adapted, variables, x):
     with pytest.raises(ValueError, match="init_adapters"):
         grown.apply(variables, x)
     grown_vars = grown.init_adapters(jax.random.key(1), variables, x)
-    _assert_trees_equal(grown_vars["params"], variables["params"])
+    assert_trees_equal(grown_vars["params"], variables["params"])
     old = {(h, n) for h, n in _adapter_sites(grown_vars["adapters"]) if n != "late"}
     assert old == _adapter_sites(variables["adapters"])
     assert {h for h, n in _adapter_sites(grown_vars["adapters"]) if n == "late"} == {
         f"blocks_{i}/mlp" for i in range(LAYERS)
     }
     for name in ("a", "m"):  # existing adapter weights are kept as they were
-        _assert_trees_equal(
+        assert_trees_equal(
             {k: v for k, v in _flat_items(grown_vars["adapters"]) if f"/{name}/" in k},
             {k: v for k, v in _flat_items(variables["adapters"]) if f"/{name}/" in k},
         )
@@ -205,7 +192,7 @@ def test_setup_module_called_twice_shares_one_adapter_applied_each_call():
     )
     variables = adapted.init(jax.random.key(0), x)
     assert _adapter_sites(variables["adapters"]) == {("dense", "s")}  # one set of weights
-    _assert_trees_equal(variables["params"], SetupShared().init(jax.random.key(0), x)["params"])
+    assert_trees_equal(variables["params"], SetupShared().init(jax.random.key(0), x)["params"])
     variables = {**variables, "adapters": _noise_like(variables["adapters"], seed=6)}
     p, ap = variables["params"], variables["adapters"]["dense"]["s"]
     h = np.asarray(x, np.float64)
@@ -260,4 +247,4 @@ def test_split_merge_round_trip(variables):
     assert adapters is variables["adapters"]
     merged = jadapters.merge_variables(base, adapters)
     assert sorted(merged) == sorted(variables)
-    _assert_trees_equal(merged, variables)
+    assert_trees_equal(merged, variables)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _frontends import np_adapter
+from _frontends import NNXOuter, np_adapter
 from flax import nnx
 
 import jadapters
@@ -24,14 +24,7 @@ TARGETS = {"attn": r"blocks/\d+/attn/(query|value)", "mlp": r"blocks/\d+/mlp"}
 D_MODEL, HEADS, LAYERS, DIM = 16, 2, 2, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quick_compiles():
-    """XLA without its optimization passes: compiles about twice as fast, and these tests
-    check the library's logic, not XLA's. Restored when the module ends."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -237,32 +230,9 @@ def test_shared_module_is_one_host_whichever_path_targets_it(pattern):
     np.testing.assert_allclose(model(x), np_linear(model.out, h), rtol=1e-5, atol=1e-5)
 
 
-class Host(nnx.Module):
-    def __init__(self):
-        self.dense = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
-        self.out_features = 4
-
-    def __call__(self, x):
-        return self.dense(x)
-
-    def encode(self, x):
-        return 2.0 * self.dense(x)
-
-
-class Outer(nnx.Module):
-    def __init__(self):
-        self.host = Host()
-
-    def __call__(self, x):
-        return self.host(x)
-
-    def encode(self, x):
-        return self.host.encode(x)
-
-
 def test_unknown_method_raises():
     with pytest.raises(ValueError, match="'decode'"):
-        jadapters.adapter_transform(Outer(), Target(pattern="host", methods=("decode",)))
+        jadapters.adapter_transform(NNXOuter(), Target(pattern="host", methods=("decode",)))
 
 
 # --- partitions ----------------------------------------------------------------------------
