@@ -337,7 +337,9 @@ def test_group_must_exist(tmp_path, linen, linen_base, nnx_source):
     jadapters.save_adapters(tmp_path / "n", nnx_source)
     target = nnx_model(targets=r"blocks/\d+/mlp")
     snapshot = nnx_snapshot(target)
-    with pytest.raises(ValueError, match=r"adapter module 'attn'.*modules are \[''\]"):
+    with pytest.raises(
+        ValueError, match=r"adapter module 'attn'.*modules are \[''(, 'blocks/\d/mlp')*\]"
+    ):
         jadapters.load_adapters(tmp_path / "n", target)
     assert_nnx_unchanged(target, snapshot)
     jadapters.load_adapters(tmp_path / "n", target, name=["an4", "an4_v2"])
@@ -455,12 +457,15 @@ def _garble_orbax_metadata(path):
 
 
 def _edit_metadata(path, edit):
+    """Edits the metadata and lists it again: a forgery consistent with its checksums, so the
+    checks behind them are reached (any other edit fails the list: see _garble_metadata)."""
     file = os.path.join(store.step_dir(path), "metadata", "metadata")
     with open(file) as f:
         data = json.load(f)
     edit(data)
     with open(file, "w") as f:
         json.dump(data, f)
+    store._write_list(os.path.dirname(file))
 
 
 def _flip_checksum(path):
@@ -472,8 +477,20 @@ def _flip_checksum(path):
 
 
 def _wrong_shape(path):
+    def edit(data):  # consistent with the config, not with the arrays orbax stored
+        entry = data["adapters"][0]
+        entry["config"]["dim"] = 9
+        for host in entry["hosts"]:
+            for leaf in host["params"]:
+                if leaf["path"][0] in ("down", "up"):
+                    leaf["shape"] = [9 if d == 8 else d for d in leaf["shape"]]
+
+    _edit_metadata(path, edit)
+
+
+def _wrong_config(path):
     def edit(data):
-        data["adapters"][0]["hosts"][0]["params"][0]["shape"] = [3, 3]
+        data["adapters"][0]["config"]["dim"] = 2**31
 
     _edit_metadata(path, edit)
 
@@ -489,14 +506,15 @@ DAMAGE = {
     "truncated data": (_truncate, "truncated or corrupted: data file .* has"),
     "deleted data": (_delete, "missing or truncated: data file .* does not exist"),
     "flipped data": (_flip, "corrupted: data file .* fails its checksum"),
-    "garbled metadata": (_garble_metadata, "metadata.*corrupted.*Save the adapters again"),
+    "garbled metadata": (_garble_metadata, "corrupted: data file metadata/metadata fails its"),
     "deleted metadata": (_delete_metadata, "has no metadata item"),
-    "garbled file list": (_garble_file_list, "jadapters_files.json is malformed"),
+    "garbled file list": (_garble_file_list, "adapters/jadapters_files.json is not valid JSON"),
     "emptied file list": (_empty_file_list, "data file adapters/.* is not listed"),
     "garbled orbax metadata": (_garble_orbax_metadata, "data file adapters/_METADATA fails"),
-    "checksum": (_flip_checksum, "parameter 'down/kernel' fails its checksum"),
-    "wrong shape": (_wrong_shape, r"stored with shape \(16, 8\).*says \(3, 3\)"),
-    "wrong dtype": (_wrong_dtype, r"dtype float32, but the metadata says \(16, 8\) float16"),
+    "checksum": (_flip_checksum, "'down/kernel' read from adapters/ fails its checksum"),
+    "wrong shape": (_wrong_shape, r"stored in adapters/ with shape \(16, 8\).*says \(16, 9\)"),
+    "wrong config": (_wrong_config, r"metadata/metadata' is inconsistent: the config .* creates"),
+    "wrong dtype": (_wrong_dtype, r"float32, but metadata/metadata says \(16, 8\) float16"),
 }
 
 

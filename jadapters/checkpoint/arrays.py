@@ -1,22 +1,47 @@
 """Reading a checkpoint's adapter arrays back: verified, onto the requested shardings.
 
-Before orbax reads an array, every stored file is checked against its listed size and SHA-256
-(:func:`store.verify_files`) and orbax's own array metadata against ours, so a damaged
-checkpoint is reported as such and nothing is allocated from a damaged file's claims. Orbax
-then restores onto ``jax.ShapeDtypeStruct`` targets carrying the shardings, and each array is
-checked against its checksum. The result is fully in memory before any model is touched.
+Nothing is allocated from a file's claims before they are checked against each other and
+against the model (:func:`check_claims`, from the metadata alone):
+
+- **sizes**: each adapter array may hold at most ``max(MIN_LEAF_ELEMENTS, HOST_FACTOR * n)``
+  elements, ``n`` being the base parameter elements at its host in the target model, and all
+  arrays loaded together at most ``max(MIN_TOTAL_ELEMENTS, MODEL_FACTOR * N)``, ``N`` the
+  model's base parameter elements. Any adapter up to several times its host's size loads;
+  a file cannot make the loader allocate much more than the model it goes into. (A bound on
+  the bytes of the files would not do: orbax compresses, and a freshly initialized adapter of
+  zeros or ones takes almost no space.)
+- **configs against arrays**: for adapter types that declare their weight schema
+  (``weight_axes``; all built-in types do), the config is initialized abstractly
+  (``jax.eval_shape``, no memory) at the widths the stored arrays imply, and must create
+  exactly those parameter paths and shapes. So a config whose ``dim`` or ``rank`` was changed
+  never reaches a front-end that would build it.
+
+Then every stored file is checked against its listed size and SHA-256
+(:func:`store.verify_files`), and orbax's own array metadata against ours. Orbax restores onto
+``jax.ShapeDtypeStruct`` targets carrying the shardings, and each array is checked against its
+checksum. The result is fully in memory before any model is touched.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jadapters.checkpoint import metadata as md
 from jadapters.checkpoint import store
+from jadapters.registry import build_adapter
+
+MIN_LEAF_ELEMENTS = 2**24  # one adapter array, whatever its host
+HOST_FACTOR = 4  # times the base parameter elements at the array's host
+MIN_TOTAL_ELEMENTS = 2**26  # all arrays of one load, whatever the model
+MODEL_FACTOR = 4  # times the model's base parameter elements
 
 
 def _abstract_params(leaves: tuple[md.LeafInfo, ...]) -> dict:
@@ -83,15 +108,17 @@ def _where(name: str, host: str, *param: str) -> str:
     return f"adapter {name!r} at host {host!r}, parameter {'/'.join(param)!r}"
 
 
-def _check_stored(stored: Any, entries: list[md.AdapterEntry]) -> None:
+def _check_stored(stored: Any, entries: list[md.AdapterEntry], step: str) -> None:
     """Compares orbax's array metadata with ours, so a mismatch never reaches a restore."""
+    bad = f"the adapter checkpoint at {step!r} is inconsistent:"
+    ours = f"{store.METADATA}/{store.METADATA}"
     for e in entries:
         if not isinstance(stored, dict) or not isinstance(stored.get(e.name), dict):
+            shown = sorted(stored)[:20] if isinstance(stored, dict) else type(stored).__name__
             raise ValueError(
-                f"the adapter checkpoint has no arrays for adapter {e.name!r} (stored: "
-                f"{sorted(stored) if isinstance(stored, dict) else stored!r}). A step of "
-                "AdapterCheckpointManager holds a training tree: restore it with "
-                "AdapterCheckpointManager.restore."
+                f"{bad} {store.ARRAYS}/ has no arrays for adapter {e.name!r} of {ours} "
+                f"(stored: {shown}). A step of AdapterCheckpointManager holds a training tree: "
+                "restore it with AdapterCheckpointManager.restore."
             )
         for i, h in enumerate(e.hosts):
             for info in h.params:
@@ -101,16 +128,149 @@ def _check_stored(stored: Any, entries: list[md.AdapterEntry]) -> None:
                 where = _where(e.name, h.path, *info.path)
                 if not hasattr(node, "shape"):
                     raise ValueError(
-                        f"the adapter checkpoint is corrupted: {where} is missing. Save the "
-                        "adapters again."
+                        f"{bad} {where}, listed in {ours}, is missing from {store.ARRAYS}/. Save "
+                        "the adapters again."
                     )
                 shape, dtype = tuple(node.shape), np.dtype(node.dtype).name
                 if shape != info.shape or dtype != info.dtype:
                     raise ValueError(
-                        f"the adapter checkpoint is corrupted: {where} is stored with shape "
-                        f"{shape} and dtype {dtype}, but the metadata says {info.shape} "
-                        f"{info.dtype}. Save the adapters again."
+                        f"{bad} {where} is stored in {store.ARRAYS}/ with shape {shape} and dtype "
+                        f"{dtype}, but {ours} says {info.shape} {info.dtype}. Save the adapters "
+                        "again."
                     )
+
+
+def _elements(tree: Any) -> int:
+    return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(tree))
+
+
+def _check_sizes(view: Any, entries: Sequence[md.AdapterEntry], source: str) -> None:
+    base_at: dict[str, int] = {}
+    total = 0
+    for e in entries:
+        for h in e.hosts:
+            if h.path not in base_at:
+                try:
+                    base_at[h.path] = _elements(view.host_base(h.path))
+                except KeyError:  # a host this model lacks (no base check asked for)
+                    base_at[h.path] = 0
+            limit = max(MIN_LEAF_ELEMENTS, HOST_FACTOR * base_at[h.path])
+            for info in h.params:
+                n = md.elements(info.shape)
+                total += n
+                if n > limit:
+                    raise ValueError(
+                        f"the adapter checkpoint metadata {source!r} claims {n:,} elements "
+                        f"(shape {info.shape}) for {_where(e.name, h.path, *info.path)}, more "
+                        f"than the {limit:,} jadapters loads there: max({MIN_LEAF_ELEMENTS:,}, "
+                        f"{HOST_FACTOR} x the {base_at[h.path]:,} base parameters at that host "
+                        "in this model). The file is damaged or the adapters are not for this "
+                        "model. Load them into the model they were saved from."
+                    )
+    base = _elements(view.base_params())
+    limit = max(MIN_TOTAL_ELEMENTS, MODEL_FACTOR * base)
+    if total > limit:
+        raise ValueError(
+            f"the adapter checkpoint metadata {source!r} claims {total:,} adapter elements in "
+            f"all, more than the {limit:,} jadapters loads into this model: "
+            f"max({MIN_TOTAL_ELEMENTS:,}, {MODEL_FACTOR} x its {base:,} base parameters). The "
+            "file is damaged or the adapters are not for this model. Load them into the model "
+            "they were saved from, or fewer adapters at a time (name=...)."
+        )
+
+
+def _schema_shapes(cfg: Any, leaves: Sequence[md.LeafInfo]) -> dict[tuple[str, ...], tuple]:
+    """The parameter shapes ``cfg`` creates at the widths that ``leaves`` imply, initialized
+    abstractly; ``{}`` for a type without a weight schema.
+
+    Raises:
+      ValueError: (a message to complete) for leaves that do not fit the schema.
+    """
+    module = build_adapter(cfg)
+    axes = dict(getattr(module, "weight_axes", None) or {})
+    if not axes:
+        return {}
+    widths: dict[str, int] = {}
+    for info in leaves:
+        name = "/".join(info.path)
+        if name not in axes:
+            raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
+        if len(axes[name]) != len(info.shape):
+            raise ValueError(
+                f"parameter {name!r} has axes {axes[name]} in {type(module).__name__}, but "
+                f"shape {info.shape}"
+            )
+        for axis, size in zip(axes[name], info.shape, strict=True):
+            if widths.setdefault(axis, size) != size:
+                raise ValueError(f"axis {axis!r} is {widths[axis]} and {size} in different arrays")
+    width = widths.get("features", widths.get("in"))
+    if width is None:
+        return {}
+    kwargs = {}
+    if getattr(module, "needs_out_features", False):
+        kwargs["out_features"] = widths.get("out", widths.get("features", width))
+    sample = jax.ShapeDtypeStruct((1, width), jnp.float32)
+    try:
+        out = jax.eval_shape(lambda k, x: module.init(k, x, **kwargs), jax.random.key(0), sample)
+    except Exception as err:  # an untrusted config can fail its type's own code in many ways
+        raise ValueError(
+            f"the config cannot be initialized at width {width}: {type(err).__name__}: "
+            f"{str(err)[:300]}"
+        ) from None
+    return {tuple(path): tuple(x.shape) for path, x in md.flatten(dict(out.get("params", {})))}
+
+
+def _check_configs(entries: Sequence[md.AdapterEntry], source: str) -> None:
+    cache: dict[tuple, Any] = {}
+    for e in entries:
+        for h in e.hosts:
+            key = (
+                json.dumps(e.config, sort_keys=True),
+                tuple(sorted((i.path, i.shape) for i in h.params)),
+            )
+            if key not in cache:
+                try:
+                    cache[key] = _schema_shapes(e.cfg, h.params)
+                except ValueError as err:
+                    cache[key] = err
+            expected = cache[key]
+            where = f"adapter {e.name!r} at host {h.path!r}"
+            if isinstance(expected, ValueError):
+                raise ValueError(
+                    f"the adapter checkpoint metadata {source!r} is inconsistent: the arrays "
+                    f"of {where} do not fit its config {_config_text(e.config)}: {expected}. "
+                    "Save the adapters again."
+                ) from None
+            if not expected:
+                continue
+            stored = {i.path: i.shape for i in h.params}
+            if expected != stored:
+                diff = sorted(
+                    f"{'/'.join(p)}: config {expected.get(p)}, stored {stored.get(p)}"
+                    for p in set(expected) | set(stored)
+                    if expected.get(p) != stored.get(p)
+                )
+                raise ValueError(
+                    f"the adapter checkpoint metadata {source!r} is inconsistent: the config "
+                    f"{_config_text(e.config)} of {where} creates other parameters than the "
+                    f"arrays stored ({'; '.join(diff[:4])}). Save the adapters again."
+                )
+
+
+def _config_text(config: dict) -> str:
+    text = json.dumps(config, sort_keys=True)
+    return text if len(text) <= 200 else f"{text[:180]}..."
+
+
+def check_claims(view: Any, entries: Sequence[md.AdapterEntry], source: str) -> None:
+    """Checks what the metadata ``source`` claims for ``entries`` before anything is
+    allocated: sizes against the model in ``view``, configs against the stored shapes.
+
+    Raises:
+      ValueError: naming ``source``, the adapter, host and parameter, and the bound.
+    """
+    _check_sizes(view, entries, source)
+    _check_configs(entries, source)
 
 
 def read_arrays(
@@ -134,7 +294,8 @@ def read_arrays(
         target,
     )
     args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
-    restored = store.restore(where, store.ARRAYS, args, lambda tree: _check_stored(tree, entries))
+    check = lambda tree: _check_stored(tree, entries, where)  # noqa: E731
+    restored = store.restore(where, store.ARRAYS, args, check)
     out: dict[str, dict[str, Any]] = {}
     for e in entries:
         out[e.name] = {h.path: restored[e.name][f"h{i}"] for i, h in enumerate(e.hosts)}
@@ -143,8 +304,9 @@ def read_arrays(
             for info in h.params:
                 if info.sha256 and md.checksum(got[info.path]) not in (None, info.sha256):
                     raise ValueError(
-                        f"the adapter checkpoint is corrupted: {_where(e.name, h.path, *info.path)}"
-                        " fails its checksum (the data changed after it was written). Save the "
-                        "adapters again."
+                        f"the adapter checkpoint at {where!r} is corrupted: "
+                        f"{_where(e.name, h.path, *info.path)} read from {store.ARRAYS}/ fails "
+                        f"its checksum in {store.METADATA}/{store.METADATA} (the data changed "
+                        "after it was written). Save the adapters again."
                     )
     return out

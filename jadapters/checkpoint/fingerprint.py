@@ -1,17 +1,40 @@
 """The base fingerprint: what the adapters' hosts looked like when the adapters were saved.
 
 For each host path the fingerprint lists the host's own base parameters (names, shapes,
-dtypes), excluding adapters. Loading compares it with the target model's base at the same
-paths, so adapters never silently attach to a different base.
+dtypes), excluding adapters: its *structure*, always recorded and checked by default. Saved
+with ``base_content=True`` it also holds the SHA-256 of each parameter's bytes: its *content*,
+checked whenever recorded (unless loading asks for the structure only). Loading compares it
+with the target model's base at the same paths, so adapters never silently attach to a
+different base: with the structure, not to a base of another shape; with the content, not to
+other weights of the same shape (another seed, another fine-tune).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from jadapters.checkpoint import metadata as md
 
 _FIX = "Load onto the base the adapters were trained on."
+CHECKS = (True, False, "structure", "content")
+
+
+def mode(check_base: Any) -> tuple[bool, bool | None]:
+    """``(check the structure, check the content)`` for ``load_adapters``' ``check_base``;
+    the content flag is ``None`` for "when recorded".
+
+    Raises:
+      ValueError: for a value that is not one of ``CHECKS``.
+    """
+    if not any(check_base is c or (isinstance(c, str) and check_base == c) for c in CHECKS):
+        raise ValueError(
+            f"check_base must be True (the structure, and the content when the checkpoint "
+            f"records it), 'structure', 'content' or False, got {check_base!r}."
+        )
+    if check_base is False:
+        return False, False
+    return True, {"structure": False, "content": True}.get(check_base)
 
 
 def compare(host: str, saved: Sequence[md.LeafInfo], current: Sequence[md.LeafInfo]) -> None:
@@ -37,4 +60,43 @@ def compare(host: str, saved: Sequence[md.LeafInfo], current: Sequence[md.LeafIn
         raise ValueError(
             f"the base does not match the checkpoint: host {host!r} has parameters {extra} "
             f"that the checkpoint's base did not have. {_FIX}"
+        )
+
+
+def compare_content(
+    saved: Mapping[str, Sequence[md.LeafInfo]], current: Mapping[str, Any], source: str
+) -> None:
+    """Raises ``ValueError`` naming every base parameter whose bytes differ from the content
+    fingerprint ``saved`` (``{host: leaves with sha256}``); ``current`` is ``{host: base
+    params}`` of the target model, already of the saved structure (:func:`compare`).
+
+    Raises:
+      ValueError: for differing parameters, or one abstract or not fully held by this
+        process.
+    """
+    differ, partial = [], []
+    for host, leaves in saved.items():
+        now = {i.path: i for i in md.describe_leaves(current.get(host) or {}, checksums=True)}
+        for info in leaves:
+            got = now.get(info.path)
+            name = f"{host}:{'/'.join(info.path)}" if host else "/".join(info.path)
+            if got is None or got.sha256 is None:
+                partial.append(name)
+            elif got.sha256 != info.sha256:
+                differ.append(name)
+    if partial:
+        raise ValueError(
+            f"cannot check the base's content against the checkpoint {source!r}: base "
+            f"parameters {partial[:5]} are abstract or not fully held by this process. Check "
+            "it with the base's arrays whole in this process, or pass check_base='structure' "
+            "to check shapes and dtypes only."
+        )
+    if differ:
+        more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""
+        shown = ", ".join(differ[:10]) + more
+        raise ValueError(
+            f"the base does not match the checkpoint {source!r}: it was saved with the content "
+            f"of its base (base_content=True), and {len(differ)} base parameters at the "
+            f"adapters' hosts have other values in this model: {shown}. {_FIX} To load onto "
+            "this base anyway (e.g. one fine-tuned since), pass check_base='structure'."
         )

@@ -1,13 +1,15 @@
 """``python -m jadapters inspect PATH``: what an adapter checkpoint holds, without a model.
 
-Reads only the checkpoint's JSON metadata and file sizes; no array is loaded, no model or
-adapter type is needed.
+Reads only the checkpoint's JSON metadata (checked against its listed size and SHA-256 first,
+like every read) and file sizes; no array is loaded, no model or adapter type is needed.
+``PATH`` is the checkpoint directory (its latest version) or one version's directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -17,9 +19,7 @@ from jadapters.checkpoint.io import read_adapter_metadata
 
 
 def _count(leaves: list[dict]) -> tuple[int, int]:
-    sizes = [
-        (int(np.prod(x["shape"], dtype=np.int64)), np.dtype(x["dtype"]).itemsize) for x in leaves
-    ]
+    sizes = [(math.prod(x["shape"]), np.dtype(x["dtype"]).itemsize) for x in leaves]
     return sum(n for n, _ in sizes), sum(n * b for n, b in sizes)
 
 
@@ -72,10 +72,11 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", f"{a['name']}: {json.dumps(a['config'], sort_keys=True)}"]
         for host in a["hosts"]:
             lines += _leaves(host["path"], host["params"])
+    content = "structure and content" if data.get("base_content") else "structure only"
     lines += [
         "",
         f"base fingerprint sha256:{data['base_fingerprint_sha256']} "
-        f"({data['base_host_param_count']:,} parameters at the hosts)",
+        f"({data['base_host_param_count']:,} parameters at the hosts; {content})",
     ]
     for host, leaves in data["base_fingerprint"].items():
         lines += _leaves(host, leaves)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "holds: names, groups, types, insertion, shapes, parameter counts, bytes and the base "
         "fingerprint. Reads metadata only; needs no model.",
     )
-    parser.add_argument("path", help="the checkpoint directory")
+    parser.add_argument("path", help="the checkpoint directory, or one version's directory")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
     try:

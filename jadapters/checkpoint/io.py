@@ -8,6 +8,7 @@ Only the adapter partition is written, as orbax arrays beside JSON metadata (see
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jadapters.checkpoint import arrays, store
+from jadapters.checkpoint import fingerprint as base_check
 from jadapters.checkpoint import metadata as md
-from jadapters.checkpoint.fingerprint import compare as compare_fingerprint
 from jadapters.view import AdapterView, AdapterWeights, requested_names, view_of
 
 NameLike = str | Sequence[str] | None
@@ -58,7 +59,11 @@ def _collect(model: Any, variables: Any, name: NameLike):
 
 
 def _check(view: AdapterView, entries, fingerprint, *, replace: bool, check_base: bool) -> None:
-    """Raises ``ValueError`` if ``entries`` cannot go into the viewed model (nothing changes)."""
+    """Raises ``ValueError`` if ``entries`` cannot go into the viewed model (nothing changes).
+
+    Checks the groups, names and hosts; with ``check_base`` the structure of the base at the
+    hosts against the fingerprint ``{host: leaves}``.
+    """
     groups = view.groups()
     existing = view.specs()
     for entry in entries:
@@ -76,28 +81,41 @@ def _check(view: AdapterView, entries, fingerprint, *, replace: bool, check_base
         view.check_hosts(entry.spec(), [h.path for h in entry.hosts])
     if check_base:
         for host, saved in fingerprint.items():
-            try:
-                current = view.host_base(host)
-            except KeyError:
-                current = None
+            current = _host_base(view, host)
             if not current and saved:
                 raise ValueError(
                     f"the base does not match the checkpoint: it has no parameters at host "
                     f"{host!r}, where the checkpoint's base has "
                     f"{[('/'.join(i.path), i.shape) for i in saved]}."
                 )
-            compare_fingerprint(host, saved, md.describe_leaves(current or {}, checksums=False))
+            base_check.compare(host, saved, md.describe_leaves(current or {}, checksums=False))
+
+
+def _host_base(view: AdapterView, host: str) -> Any:
+    try:
+        return view.host_base(host)
+    except KeyError:
+        return None
 
 
 def save_adapters(
-    path: str, model: Any, variables: Any = None, *, name: NameLike = None, keep: int = 1
+    path: str,
+    model: Any,
+    variables: Any = None,
+    *,
+    name: NameLike = None,
+    keep: int = 1,
+    base_content: bool = False,
 ) -> str:
     """Writes the adapters of ``model``, and only those, to the checkpoint directory ``path``.
 
     Beside the arrays goes JSON metadata: each adapter's config, group, insertion, enabled
     state, host paths and parameter shapes, dtypes and checksums; the library and format
     versions; and a fingerprint of the base at each host (its parameters' names, shapes and
-    dtypes), which :func:`load_adapters` checks. Writing is crash-safe: a save killed part-way
+    dtypes and, with ``base_content``, the SHA-256 of each one's bytes), which
+    :func:`load_adapters` checks. Every file of the version, the metadata included, is listed
+    with its size and SHA-256 and checked before it is read. Writing is crash-safe: a save
+    killed part-way
     leaves the previous checkpoint at ``path`` intact. One process writes a given ``path`` at a
     time (in a multi-host job, save from one process, with the adapters fully addressable).
 
@@ -111,13 +129,20 @@ def save_adapters(
         list of them.
       keep: how many versions to keep; older ones are deleted once the new one is
         complete (default 1: a save replaces the previous checkpoint).
+      base_content: also record the content of the base at the adapters' hosts (the SHA-256
+        of each parameter's bytes), so that :func:`load_adapters` refuses a base with the
+        same shapes but other weights (another seed, another fine-tune), naming the
+        parameters that differ. Costs one pass over those parameters, on the host.
 
     Returns:
-      The directory of the version written.
+      The directory of the version written (``path/<version>``). :func:`load_adapters`,
+      :func:`read_adapter_metadata`, :func:`abstract_adapters` and ``python -m jadapters
+      inspect`` accept it as ``path`` too, and then read that version.
 
     Raises:
       ValueError: for an unknown name, a model without adapters or weights, or a wrong
-        ``variables`` argument.
+        ``variables`` argument; with ``base_content``, for a base not fully held by this
+        process.
 
     >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jadapters
     >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(4)]), "layers_0")
@@ -131,27 +156,45 @@ def save_adapters(
     ['task']
     """
     view, adapters, fingerprint = _collect(model, variables, name)
-    meta = md.build_metadata(adapters, fingerprint, framework=view.framework, checksums=True)
+    meta = md.build_metadata(
+        adapters, fingerprint, framework=view.framework, checksums=True, base_content=base_content
+    )
     return store.write(path, meta, {spec.name: hosts for spec, hosts in adapters}, keep=keep)
 
 
-def adapter_metadata(model: Any, variables: Any = None, *, name: NameLike = None) -> dict:
+def adapter_metadata(
+    model: Any, variables: Any = None, *, name: NameLike = None, base_content: bool = False
+) -> dict:
     """The JSON metadata :func:`save_adapters` would write for ``model``, without checksums.
 
     Store it beside a training checkpoint (:class:`~jadapters.AdapterCheckpointManager`) so
     that the arrays there can be told apart and checked against a base later.
 
     Args:
-      model, variables, name: as :func:`save_adapters`.
+      model, variables, name, base_content: as :func:`save_adapters`.
 
     Returns:
       A JSON-ready dict.
+
+    >>> import jadapters
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> model = jadapters.adapter_transform(model, "layers/0")
+    >>> model.add_adapter("task", jadapters.LoRAConfig(rank=1), rngs=nnx.Rngs(1))
+    >>> meta = adapter_metadata(model)
+    >>> meta["framework"], [(a["name"], a["type"]) for a in meta["adapters"]]
+    ('nnx', [('task', 'LoRA')])
+    >>> sorted(meta["base_fingerprint"])  # the hosts whose base a later load checks
+    ['layers/0']
     """
     view, adapters, fingerprint = _collect(model, variables, name)
-    meta = md.build_metadata(adapters, fingerprint, framework=view.framework, checksums=False)
+    meta = md.build_metadata(
+        adapters, fingerprint, framework=view.framework, checksums=False, base_content=base_content
+    )
     return md.to_json(meta)
 
 
+@store.reads_one_version
 def read_adapter_metadata(path: str, *, version: int | None = None) -> dict:
     """The validated JSON metadata of the adapter checkpoint at ``path``; no model needed.
 
@@ -159,6 +202,19 @@ def read_adapter_metadata(path: str, *, version: int | None = None) -> dict:
 
     Raises:
       ValueError: for a missing or corrupted checkpoint or metadata.
+
+    >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jadapters
+    >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(4)]), "layers_0")
+    >>> model = model.add_adapter("task", jadapters.LoRAConfig(rank=2))
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> path = tempfile.mkdtemp()
+    >>> _ = jadapters.save_adapters(path, model, variables)
+    >>> meta = read_adapter_metadata(path)
+    >>> meta["framework"], [(a["name"], a["type"], a["insertion"]) for a in meta["adapters"]]
+    ('linen', [('task', 'LoRA', 'weight')])
+    >>> read_adapter_metadata(tempfile.mkdtemp())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: ...
     """
     where, meta = store.read_metadata(path, decode_configs=False, version=version)
     data = md.to_json(meta)
@@ -167,6 +223,7 @@ def read_adapter_metadata(path: str, *, version: int | None = None) -> dict:
     return json.loads(json.dumps(data))
 
 
+@store.reads_one_version
 def abstract_adapters(path: str, *, name: NameLike = None, version: int | None = None) -> dict:
     """The arrays of the checkpoint at ``path`` as ``jax.ShapeDtypeStruct``.
 
@@ -175,12 +232,23 @@ def abstract_adapters(path: str, *, name: NameLike = None, version: int | None =
 
     Raises:
       ValueError: for a missing or corrupted checkpoint, or an unknown name.
+
+    >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jadapters
+    >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(4)]), "layers_0")
+    >>> model = model.add_adapter("task", jadapters.LoRAConfig(rank=2))
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> path = tempfile.mkdtemp()
+    >>> _ = jadapters.save_adapters(path, model, variables)
+    >>> tree = abstract_adapters(path)
+    >>> jax.tree.map(lambda x: (x.shape, x.dtype.name), tree)
+    {'task': {'layers_0': {'a': ((3, 2), 'float32'), 'b': ((2, 4), 'float32')}}}
     """
     _, meta = store.read_metadata(path, decode_configs=False, version=version)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
     return arrays.abstract_tree(meta, names)
 
 
+@store.reads_one_version
 def load_adapters(
     path: str,
     model: Any,
@@ -189,20 +257,33 @@ def load_adapters(
     name: NameLike = None,
     replace: bool = False,
     shardings: Any = None,
-    check_base: bool = True,
+    check_base: bool | str = True,
     rngs: Any = None,
     version: int | None = None,
 ) -> Any:
     """Loads adapters saved by :func:`save_adapters` into ``model``.
 
-    Everything is read into memory and checked before the model is touched: the metadata,
-    every array against its shape, dtype and checksum, the adapter types against the
-    registry, the adapter modules (groups) against ``model.adapter_module_names``, and the
-    base at each host against the saved fingerprint. Dtypes are kept exactly. Loading several
-    checkpoints one after another adds up their adapters.
+    The checkpoint is untrusted input. Everything is read into memory and checked before the
+    model is touched, and nothing is allocated from a file's claims before they are checked:
+
+    - every file read (the metadata, the arrays' files) against the size and SHA-256 listed
+      at save time, before it is parsed; only regular files inside the version, JSON bounded
+      in size and depth;
+    - the metadata's fields; the adapter types against the registry; the adapter modules
+      (groups) against ``model.adapter_module_names``; each adapter's hosts against the
+      hosts its module targets in this model (the same set, so that no host is left with
+      fresh weights beside trained ones);
+    - the base at each host against the saved fingerprint (``check_base``);
+    - every array's claimed size against the model (see :mod:`jadapters.checkpoint.arrays`),
+      each config against the shapes of its stored arrays, orbax's array metadata against
+      ours, then every array against its checksum.
+
+    Dtypes are kept exactly. Loading several checkpoints one after another adds up their
+    adapters.
 
     Args:
-      path: the checkpoint directory.
+      path: the checkpoint directory (the latest version, or ``version``), or the directory
+        of one version, as :func:`save_adapters` returns it.
       model: an adapted Linen (:class:`~jadapters.AdaptedLinen`) or NNX model.
       variables: the Linen model's variables (at least ``{"params": ...}``); ``None`` for NNX.
       name: ``None`` loads exactly what was saved; an exact name (a bare name resolves to its
@@ -211,7 +292,12 @@ def load_adapters(
       shardings: where the arrays go: ``None`` (the default device), one
         ``jax.sharding.Sharding`` for all, or a pytree of them matching
         :func:`abstract_adapters` (``{name: {host path: params}}``) or a prefix of it.
-      check_base: verify the base against the checkpoint's fingerprint.
+      check_base: what of the base at the adapters' hosts to check against the checkpoint's
+        fingerprint. ``True`` (default): its structure (parameter names, shapes, dtypes),
+        and its content (each parameter's SHA-256) when the checkpoint recorded it
+        (``save_adapters(..., base_content=True)``). ``"structure"``: the structure only.
+        ``"content"``: both, and a checkpoint without a content fingerprint is an error.
+        ``False``: nothing.
       rngs: NNX only: streams for the adapters' ``dropout``; default ``nnx.Rngs(0)``.
       version: the version to read; ``None`` for the latest.
 
@@ -222,23 +308,53 @@ def load_adapters(
     Raises:
       ValueError: for a missing, truncated or corrupted checkpoint, an unregistered adapter
         type, an unknown name or adapter module, a name already in the model (without
-        ``replace``), or a base that does not match the fingerprint (naming the host path and
-        both shapes). The model is unchanged then.
+        ``replace``), hosts that differ from the saved ones, or a base that does not match
+        the fingerprint (naming the host path and both shapes, or the parameters whose
+        content differs). Each error about the checkpoint names the file. The model is
+        unchanged then.
+
+    >>> import tempfile, jax.numpy as jnp, jadapters
+    >>> from flax import nnx
+    >>> def make(out=2):
+    ...     model = nnx.Sequential(nnx.Linear(3, out, rngs=nnx.Rngs(0)))
+    ...     return jadapters.adapter_transform(model, "layers/0")
+    >>> model = make()
+    >>> model.add_adapter("task", jadapters.LoRAConfig(rank=1), rngs=nnx.Rngs(1))
+    >>> path = tempfile.mkdtemp()
+    >>> _ = jadapters.save_adapters(path, model)
+    >>> loaded, x = load_adapters(path, make()), jnp.ones((1, 3))
+    >>> loaded.get_enabled_adapters(), bool((loaded(x) == model(x)).all())
+    (['task'], True)
+    >>> load_adapters(path, make(out=5))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: the base does not match the checkpoint at host 'layers/0': ...
     """
+    structure, content = base_check.mode(check_base)
     view = view_of(model, variables)
     where, meta = store.read_metadata(path, version=version)
+    source = os.path.join(where, store.METADATA, store.METADATA)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
     entries = [meta.get(n) for n in names]
     hosts = list(dict.fromkeys(h.path for e in entries for h in e.hosts))
-    if check_base:
+    if structure:
         unknown = [p for p in hosts if p not in meta.fingerprint]
         if unknown:
             raise ValueError(
-                "adapter checkpoint metadata is malformed: no base fingerprint for hosts "
-                f"{unknown}."
+                f"adapter checkpoint metadata {source!r} is malformed: no base fingerprint for "
+                f"hosts {unknown}. Save the adapters again."
             )
+    if content and not meta.base_content:
+        raise ValueError(
+            f"check_base='content' needs the content of the base, but the checkpoint {source!r} "
+            "records its structure only: save it with save_adapters(..., base_content=True), or "
+            "pass check_base=True to check the structure."
+        )
     fingerprint = {p: meta.fingerprint.get(p, ()) for p in hosts}
-    _check(view, entries, fingerprint, replace=replace, check_base=check_base)
+    _check(view, entries, fingerprint, replace=replace, check_base=structure)
+    arrays.check_claims(view, entries, source)
+    if meta.base_content and content is not False:
+        current = {host: _host_base(view, host) for host in fingerprint}
+        base_check.compare_content(fingerprint, current, source)
     loaded = arrays.read_arrays(where, meta, names, shardings)
     if shardings is None:
         # Uncommitted, like arrays from init: a function compiled on those runs these as is.

@@ -9,6 +9,11 @@ save it once, on its own.
 For an exact NNX resume of adapters that use dropout or stochastic depth, save their PRNG
 stream state too, e.g. ``adapters={"params": ..., "rngs": nnx.to_pure_dict(nnx.state(model,
 nnx.RngState))}``.
+
+One manager saves to a ``directory`` at a time (its first save removes the debris of killed
+saves, which would include another writer's save in progress). Managers that only restore may
+run beside it, in other processes: each restore reads the directory as it is then, reads one
+whole step, and starts again on the new latest step if a save prunes the one it reads.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jadapters.checkpoint import store
+from jadapters.checkpoint import files, store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +38,49 @@ class RestoredCheckpoint:
       adapters: the adapter weights.
       opt_state: the optimizer state, or ``None`` if it was not saved or no target was given.
       metadata: the JSON metadata saved with the step, or ``None``.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> with AdapterCheckpointManager(tempfile.mkdtemp()) as manager:
+    ...     _ = manager.save(7, {"w": jnp.ones((2,))}, metadata={"note": "after warm-up"})
+    ...     restored = manager.restore()
+    >>> restored.step, restored.adapters["w"].tolist(), restored.opt_state, restored.metadata
+    (7, [1.0, 1.0], None, {'note': 'after warm-up'})
     """
 
     step: int
     adapters: Any
     opt_state: Any
     metadata: dict | None
+
+
+ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's record of a step, with its items
+
+
+def _check_whole(where: str, step: int) -> list[str]:
+    """The items orbax recorded for the step; raises ``ValueError`` unless each is there, with
+    every file its list names at its listed size: a step is restored whole or not at all."""
+    bad = f"step {step} in {os.path.dirname(where)!r} is incomplete (partly deleted or damaged)"
+    record = os.path.join(where, ORBAX_STEP_METADATA)
+    if not os.path.lexists(record):
+        raise ValueError(f"{bad}: orbax's {ORBAX_STEP_METADATA} is missing.")
+    try:  # bounded reads of regular files only: a FIFO or a huge file is an error, not a hang
+        record = files.read_json(record, where)
+        items = sorted(record["item_handlers"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{bad}: orbax's {ORBAX_STEP_METADATA} is malformed: {err}") from None
+    if store.ARRAYS not in items:
+        raise ValueError(f"{bad}: orbax's {ORBAX_STEP_METADATA} lists no {store.ARRAYS!r} item.")
+    for item in items:
+        rel = f"{item}/{store.FILES}"
+        listed = os.path.join(where, item, store.FILES)
+        if not os.path.lexists(listed):
+            raise ValueError(f"{bad}: {rel} is missing.")
+        needed = files.parse_listing(files.read_json(listed, where), rel, where)
+        for name, (size, _) in needed.items():
+            file = os.path.join(where, item, *name.split("/"))
+            if not os.path.isfile(file) or os.path.islink(file) or os.path.getsize(file) != size:
+                raise ValueError(f"{bad}: file {item}/{name} is missing or truncated.")
+    return items
 
 
 def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
@@ -59,7 +101,8 @@ class AdapterCheckpointManager:
     """Keeps the last ``max_to_keep`` step checkpoints of adapter training in ``directory``.
 
     A thin layer on ``orbax.checkpoint.CheckpointManager``: each step is written atomically
-    (a crash mid-save leaves the earlier steps readable) and old steps are deleted.
+    (a crash mid-save leaves the earlier steps readable) and old steps are deleted whole (a
+    crash mid-delete never leaves a step listed without some of its items).
 
     Args:
       directory: where the steps go (one subdirectory per step).
@@ -87,6 +130,8 @@ class AdapterCheckpointManager:
         self._manager = store.open_manager(
             self._directory, max_to_keep=max_to_keep, async_save=async_save
         )
+        self._async = async_save
+        self._saved = False  # only a manager that saves removes anything
 
     @property
     def directory(self) -> str:
@@ -102,6 +147,9 @@ class AdapterCheckpointManager:
         force: bool = False,
     ) -> bool:
         """Saves one step.
+
+        The first save of a manager removes the debris of saves killed before it (orbax's
+        temporary directories); each save removes the steps it prunes.
 
         Args:
           step: the training step.
@@ -123,18 +171,34 @@ class AdapterCheckpointManager:
             items[store.OPT_STATE] = ocp.args.PyTreeSave(opt_state)
         if metadata is not None:
             try:
-                metadata = json.loads(json.dumps(metadata))
+                metadata = json.loads(json.dumps(metadata, allow_nan=False))
             except (TypeError, ValueError) as err:
-                raise ValueError(f"metadata must be JSON-serializable: {err}") from None
+                raise ValueError(
+                    f"metadata must be JSON-serializable, without NaN or infinities: {err}"
+                ) from None
             items[store.METADATA] = ocp.args.JsonSave(metadata)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._manager.wait_until_finished()
+        if self._saved:
+            store.empty_deleted(self._directory)
+        else:
+            store.clean(self._directory)
+            self._saved = True
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if not self._async:
+            store.empty_deleted(self._directory)
+        return saved
 
     def restore(
         self, step: int | None = None, *, adapters: Any = None, opt_state: Any = None
     ) -> RestoredCheckpoint:
         """Restores a step (the latest for ``step=None``) onto the given targets.
 
-        Every file read is first checked against the sizes and checksums listed at save time.
+        The step must be whole: every item orbax recorded for it present, with the files
+        listed at save time (a step of which only some items remain is an error, not a
+        partial restore); every file read is first checked against its listed size and
+        checksum. The steps are those on disk now, so a manager in another process restores
+        the writer's latest step; if a save prunes the step being read, the read starts
+        again on the new latest step (for ``step=None``) or says so.
 
         Args:
           step: the step, or ``None`` for the latest.
@@ -153,41 +217,50 @@ class AdapterCheckpointManager:
             fit the targets.
         """
         self._manager.wait_until_finished()
-        steps = self.all_steps()
-        if step is None and not steps:
+        return store.read_version(
+            self._directory, step, lambda s: self._restore(s, adapters, opt_state)
+        )
+
+    def _restore(self, step: int | None, adapters: Any, opt_state: Any) -> RestoredCheckpoint:
+        steps = store.steps(self._directory)
+        if step is None:
             raise ValueError(f"no checkpoint to restore in {self._directory!r}.")
-        step = steps[-1] if step is None else step
         if step not in steps:
             raise ValueError(f"step {step} is not in {self._directory!r}; saved steps: {steps}.")
         where = os.path.join(self._directory, str(step))
+        items = _check_whole(where, step)
         targets = {store.ARRAYS: adapters}
         if opt_state is not None:
-            if not os.path.isdir(os.path.join(where, store.OPT_STATE)):
+            if store.OPT_STATE not in items:
                 raise ValueError(f"step {step} has no optimizer state; pass opt_state=None.")
             targets[store.OPT_STATE] = opt_state
         out = {item: store.restore(where, item, _restore_args(t)) for item, t in targets.items()}
-        has_metadata = os.path.isdir(os.path.join(where, store.METADATA))
-        return RestoredCheckpoint(
+        return RestoredCheckpoint(  # every item read from the step, or an error
             step=step,
             adapters=out[store.ARRAYS],
             opt_state=out.get(store.OPT_STATE),
-            metadata=store.read_json(where) if has_metadata else None,
+            metadata=store.read_json(where) if store.METADATA in items else None,
         )
 
     def latest_step(self) -> int | None:
-        """The latest saved step, or ``None``."""
+        """The latest saved step, or ``None``: those on disk when the manager opened and those
+        it saved since (orbax's record; :meth:`restore` looks at the directory anew)."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        """The saved steps, ascending."""
+        """The saved steps, ascending, as :meth:`latest_step` knows them."""
         return sorted(self._manager.all_steps())
 
     def wait_until_finished(self) -> None:
         """Blocks until a background save has finished."""
         self._manager.wait_until_finished()
+        if self._saved:
+            store.empty_deleted(self._directory)
 
     def close(self) -> None:
         self._manager.close()
+        if self._saved:
+            store.empty_deleted(self._directory)
 
     def __enter__(self) -> AdapterCheckpointManager:
         return self

@@ -3,8 +3,16 @@
 The metadata names every adapter with its registered config, group, insertion, enabled state
 and, per host path, the names, shapes, dtypes and SHA-256 checksums of its weights. It also
 holds the *fingerprint* of the base the adapters attach to: for each host path, the host's own
-base parameters (names, shapes, dtypes). It is plain JSON, read with ``json`` only; configs are
-rebuilt through the adapter registry (:func:`jadapters.config_from_dict`), never by import.
+base parameters (names, shapes, dtypes and, when saved with ``base_content=True``, the SHA-256
+of each one's bytes). It is plain JSON, read with ``json`` only; configs are rebuilt through
+the adapter registry (:func:`jadapters.config_from_dict`), never by import.
+
+The file is untrusted input: :func:`from_json` checks every field's type, that no host or
+parameter path repeats or nests inside another, shapes (at most ``MAX_NDIM`` axes of at most
+``MAX_DIM`` each), dtypes (a numeric or bool NumPy dtype, by its canonical name), checksums (64
+hex digits) and the base fingerprint's digest. What the claims mean for a model (sizes, the
+configs against the arrays) is checked by :mod:`jadapters.checkpoint.arrays` before any array
+is read.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +33,9 @@ from jadapters._version import __version__
 from jadapters.config import config_from_dict, config_to_dict
 
 FORMAT_NAME = "jadapters.adapter_checkpoint"
+MAX_NDIM = 32  # axes of one array
+MAX_DIM = 2**40  # one axis
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 FORMAT_VERSION = 2
 FORMAT_1_HELP = (
     "it was written in format 1 by jadapters 0.1; this jadapters reads format "
@@ -78,6 +91,7 @@ class CheckpointMetadata:
     framework: str
     library_version: str
     format_version: int = FORMAT_VERSION
+    base_content: bool = False  # the fingerprint records each base parameter's SHA-256
 
     def get(self, name: str) -> AdapterEntry | None:
         for entry in self.adapters:
@@ -101,7 +115,10 @@ def flatten(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
 
 
 def checksum(x: Any) -> str | None:
-    """SHA-256 of an array's bytes; ``None`` for an array not fully held by this process."""
+    """SHA-256 of an array's bytes; ``None`` for an array not fully held by this process or
+    an abstract one (``jax.ShapeDtypeStruct``)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return None
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return None
     return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
@@ -112,7 +129,10 @@ def dtype_name(x: Any) -> str:
 
 
 def describe_leaves(tree: Any, *, checksums: bool) -> tuple[LeafInfo, ...]:
-    """Shape, dtype (and checksum) of every array in ``tree``, sorted by path."""
+    """Shape, dtype (and checksum) of every array in ``tree``, sorted by path.
+
+    The checksum is ``None`` for an array not fully held by this process.
+    """
     infos = (
         LeafInfo(
             path, tuple(map(int, np.shape(x))), dtype_name(x), checksum(x) if checksums else None
@@ -128,8 +148,16 @@ def build_metadata(
     *,
     framework: str,
     checksums: bool = True,
+    base_content: bool = False,
 ) -> CheckpointMetadata:
-    """Metadata for ``[(spec, {host path: params tree}), ...]`` and ``{host path: base params}``."""
+    """Metadata for ``[(spec, {host path: params tree}), ...]`` and ``{host path: base params}``.
+
+    ``base_content`` records the SHA-256 of every base parameter at the hosts (the content
+    fingerprint) beside its name, shape and dtype.
+
+    Raises:
+      ValueError: with ``base_content``, for a base parameter not fully held by this process.
+    """
     entries = tuple(
         AdapterEntry(
             spec.name,
@@ -142,8 +170,23 @@ def build_metadata(
         )
         for spec, hosts in adapters
     )
-    prints = {path: describe_leaves(tree, checksums=False) for path, tree in fingerprint.items()}
-    return CheckpointMetadata(entries, prints, framework, __version__)
+    prints = {
+        path: describe_leaves(tree, checksums=base_content) for path, tree in fingerprint.items()
+    }
+    if base_content:
+        partial = [
+            f"{host}:{'/'.join(i.path)}"
+            for host, leaves in prints.items()
+            for i in leaves
+            if i.sha256 is None
+        ]
+        if partial:
+            raise ValueError(
+                f"base_content=True hashes the base parameters at the hosts, but {partial[:5]} "
+                "are not fully held by this process (a multi-process sharding). Save from a "
+                "process that holds the base whole, or save without base_content."
+            )
+    return CheckpointMetadata(entries, prints, framework, __version__, base_content=base_content)
 
 
 # ---- JSON ------------------------------------------------------------------------------------
@@ -156,16 +199,21 @@ def _leaf_json(info: LeafInfo, *, with_checksum: bool = True) -> dict[str, Any]:
     return out
 
 
-def fingerprint_json(fingerprint: Mapping[str, Sequence[LeafInfo]]) -> dict[str, Any]:
+def fingerprint_json(
+    fingerprint: Mapping[str, Sequence[LeafInfo]], *, with_checksum: bool = True
+) -> dict[str, Any]:
+    """The fingerprint as JSON; each leaf's ``sha256`` (its content) where recorded."""
     return {
-        host: [_leaf_json(i, with_checksum=False) for i in leaves]
+        host: [_leaf_json(i, with_checksum=with_checksum) for i in leaves]
         for host, leaves in sorted(fingerprint.items())
     }
 
 
 def fingerprint_digest(fingerprint: Mapping[str, Sequence[LeafInfo]]) -> str:
-    """SHA-256 of the canonical JSON of a base fingerprint: equal bases, equal digests."""
-    text = json.dumps(fingerprint_json(fingerprint), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the canonical JSON of a base fingerprint's structure (names, shapes, dtypes;
+    not the content): bases of equal structure, equal digests."""
+    structure = fingerprint_json(fingerprint, with_checksum=False)
+    text = json.dumps(structure, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -192,6 +240,7 @@ def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
         ],
         "base_fingerprint": fingerprint_json(meta.fingerprint),
         "base_fingerprint_sha256": fingerprint_digest(meta.fingerprint),
+        "base_content": meta.base_content,
     }
 
 
@@ -204,8 +253,28 @@ def _need(data: Any, key: str, kind: type, where: str) -> Any:
         raise _Malformed(f"{where} has no {key!r}")
     value = data[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _Malformed(f"{where}[{key!r}] must be {kind.__name__}, got {value!r}")
+        raise _Malformed(f"{where}[{key!r}] must be {kind.__name__}, got {_short(value)}")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
+
+
+def check_dtype(dtype: Any) -> str | None:
+    """Why ``dtype`` is not a dtype an adapter array may have, or ``None`` if it is one: a
+    numeric or bool NumPy dtype (ml_dtypes' too), written by its canonical name."""
+    if not isinstance(dtype, str):
+        return f"must be a dtype name, got {_short(dtype)}"
+    try:
+        parsed = np.dtype(dtype)
+    except (TypeError, ValueError, SyntaxError):
+        return f"{_short(dtype)} is not a NumPy dtype"
+    numeric = parsed.name == "bool" or jax.dtypes.issubdtype(parsed, np.number)
+    if parsed.name != dtype or parsed.shape != () or not numeric:
+        return f"{_short(dtype)} is not a numeric or bool dtype name"
+    return None
 
 
 def _leaf_from_json(data: Any, where: str) -> LeafInfo:
@@ -213,69 +282,105 @@ def _leaf_from_json(data: Any, where: str) -> LeafInfo:
     shape = _need(data, "shape", list, where)
     dtype = _need(data, "dtype", str, where)
     digest = data.get("sha256")
-    if not path or not all(isinstance(p, str) for p in path):
-        raise _Malformed(f"{where}['path'] must be a non-empty list of strings, got {path!r}")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise _Malformed(f"{where}['shape'] must be non-negative ints, got {shape!r}")
-    if not isinstance(digest, (str, type(None))):
-        raise _Malformed(f"{where}['sha256'] must be a string, got {digest!r}")
-    try:
-        numeric = jax.dtypes.issubdtype(np.dtype(dtype), np.number) or dtype == "bool"
-    except TypeError:
-        numeric = False
-    if not numeric:
-        raise _Malformed(f"{where}['dtype'] {dtype!r} is not a numeric or bool dtype")
+    if not path or not all(isinstance(p, str) and p for p in path):
+        raise _Malformed(
+            f"{where}['path'] must be a non-empty list of non-empty strings, got {_short(path)}"
+        )
+    if len(shape) > MAX_NDIM or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape
+    ):
+        raise _Malformed(
+            f"{where}['shape'] must be at most {MAX_NDIM} ints in [0, {MAX_DIM}], got "
+            f"{_short(shape)}"
+        )
+    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise _Malformed(f"{where}['sha256'] must be 64 hex digits, got {_short(digest)}")
+    problem = check_dtype(dtype)
+    if problem:
+        raise _Malformed(f"{where}['dtype'] {problem}")
     return LeafInfo(tuple(path), tuple(shape), dtype, digest)
+
+
+def _leaves_from_json(items: Any, where: str) -> tuple[LeafInfo, ...]:
+    """Leaves whose paths neither repeat nor nest inside one another (they form one tree)."""
+    if not isinstance(items, list):
+        raise _Malformed(f"{where} must be a list, got {_short(items)}")
+    leaves = tuple(_leaf_from_json(x, where) for x in items)
+    paths = sorted(i.path for i in leaves)
+    for a, b in zip(paths, paths[1:], strict=False):
+        if b[: len(a)] == a:
+            raise _Malformed(
+                f"{where} lists parameter {'/'.join(a)!r} "
+                + ("twice" if a == b else f"and, inside it, {'/'.join(b)!r}")
+            )
+    return leaves
 
 
 def _adapter_from_json(item: Any, where: str, decode: bool) -> AdapterEntry:
     name = _need(item, "name", str, where)
-    check_name(name)
+    try:
+        check_name(name)
+    except ValueError as err:
+        raise _Malformed(f"{where}['name']: {err}") from None
     config = _need(item, "config", dict, where)
     insertion = _need(item, "insertion", str, where)
     if insertion not in INSERTIONS:
-        raise _Malformed(f"{where}['insertion'] must be one of {INSERTIONS}, got {insertion!r}")
+        raise _Malformed(
+            f"{where}['insertion'] must be one of {INSERTIONS}, got {_short(insertion)}"
+        )
     hosts = []
     for j, host in enumerate(_need(item, "hosts", list, where)):
         hwhere = f"{where}['hosts'][{j}]"
-        leaves = _need(host, "params", list, hwhere)
-        path = _need(host, "path", str, hwhere)
-        hosts.append(
-            HostEntry(path, tuple(_leaf_from_json(x, f"{hwhere}['params']") for x in leaves))
-        )
+        leaves = _leaves_from_json(_need(host, "params", list, hwhere), f"{hwhere}['params']")
+        hosts.append(HostEntry(_need(host, "path", str, hwhere), leaves))
     if not hosts:
         raise _Malformed(f"{where}['hosts'] is empty")
+    paths = [h.path for h in hosts]
+    if len(set(paths)) != len(paths):
+        raise _Malformed(f"{where}['hosts'] lists a host path twice: {_short(paths)}")
     group, enabled = _need(item, "group", str, where), _need(item, "enabled", bool, where)
-    try:
-        cfg = config_from_dict(config) if decode else None
-    except (TypeError, KeyError, AttributeError) as err:  # a config of the wrong shape
-        raise _Malformed(f"{where}['config'] is malformed: {type(err).__name__}: {err}") from None
+    if ":" in group:
+        raise _Malformed(f"{where}['group'] must not contain ':', got {_short(group)}")
+    cfg = None
+    if decode:
+        try:
+            cfg = config_from_dict(config)
+        except (TypeError, KeyError, AttributeError, ValueError, RecursionError) as err:
+            raise _Malformed(
+                f"{where}['config'] is not a config this jadapters can build: "
+                f"{type(err).__name__}: {str(err)[:500]}"
+            ) from None
     return AdapterEntry(name, group, config, cfg, insertion, enabled, tuple(hosts))
 
 
-def from_json(data: Any, *, decode_configs: bool = True) -> CheckpointMetadata:
+def from_json(
+    data: Any, *, decode_configs: bool = True, source: str = "metadata"
+) -> CheckpointMetadata:
     """Validates and reads the metadata JSON object.
 
     Args:
       data: the parsed JSON.
       decode_configs: rebuild each config through the adapter registry (an unregistered type
         is an error); without it only the raw config dicts are read.
+      source: the file it was read from, named in errors.
 
     Raises:
-      ValueError: for a malformed object, an unsupported format version, or (when decoding) an
-        unknown adapter type.
+      ValueError: naming ``source``, for a malformed object, an unsupported format version,
+        or (when decoding) a config that cannot be built, e.g. an unknown adapter type.
     """
     try:
         if _need(data, "format", str, "metadata") != FORMAT_NAME:
-            raise _Malformed(f"metadata['format'] must be {FORMAT_NAME!r}, got {data['format']!r}")
+            raise _Malformed(
+                f"metadata['format'] must be {FORMAT_NAME!r}, got {_short(data['format'])}"
+            )
         version = _need(data, "format_version", int, "metadata")
         if version == 1:
             raise ValueError(f"the adapter checkpoint metadata is not supported: {FORMAT_1_HELP}")
         if version != FORMAT_VERSION:
             newer = " Upgrade jadapters to read it." if version > FORMAT_VERSION else ""
             raise ValueError(
-                f"checkpoint format version {version} is not supported; this jadapters reads "
-                f"version {FORMAT_VERSION}.{newer}"
+                f"checkpoint format version {version} of {source!r} is not supported; this "
+                f"jadapters reads version {FORMAT_VERSION}.{newer}"
             )
         entries = [
             _adapter_from_json(item, f"metadata['adapters'][{i}]", decode_configs)
@@ -283,21 +388,41 @@ def from_json(data: Any, *, decode_configs: bool = True) -> CheckpointMetadata:
         ]
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
-            raise _Malformed(f"metadata lists an adapter name twice: {names}")
+            raise _Malformed(f"metadata lists an adapter name twice: {_short(names)}")
         prints = {}
         for host, leaves in _need(data, "base_fingerprint", dict, "metadata").items():
-            where = f"metadata['base_fingerprint'][{host!r}]"
-            if not isinstance(leaves, list):
-                raise _Malformed(f"{where} must be a list")
-            prints[host] = tuple(_leaf_from_json(x, where) for x in leaves)
+            prints[host] = _leaves_from_json(leaves, f"metadata['base_fingerprint'][{host!r}]")
+        base_content = data.get("base_content", False)
+        if not isinstance(base_content, bool):
+            raise _Malformed(f"metadata['base_content'] must be bool, got {_short(base_content)}")
+        hashed = {i.sha256 is not None for leaves in prints.values() for i in leaves}
+        if hashed - {base_content}:
+            raise _Malformed(
+                "metadata['base_fingerprint'] "
+                + ("lacks" if base_content else "has")
+                + " a parameter's 'sha256', but metadata['base_content'] is "
+                + str(base_content).lower()
+            )
+        digest = data.get("base_fingerprint_sha256")
+        if digest is not None and digest != fingerprint_digest(prints):
+            raise _Malformed(
+                "metadata['base_fingerprint_sha256'] is not the digest of "
+                "metadata['base_fingerprint']"
+            )
         return CheckpointMetadata(
             tuple(entries),
             prints,
             _need(data, "framework", str, "metadata"),
             _need(data, "library_version", str, "metadata"),
             version,
+            base_content,
         )
     except _Malformed as err:
         raise ValueError(
-            f"adapter checkpoint metadata is malformed: {err}. Save the adapters again."
+            f"adapter checkpoint metadata {source!r} is malformed: {err}. Save the adapters again."
         ) from None
+
+
+def elements(shape: Sequence[int]) -> int:
+    """The element count of ``shape``, exactly (Python ints never overflow)."""
+    return math.prod(shape)
