@@ -33,6 +33,8 @@ from jadapters.config import config_to_dict as config_to_dict
 from jadapters.config import config_to_json as config_to_json
 from jadapters.config import register_adapter as register_adapter
 from jadapters.config import register_strategy as register_strategy
+from jadapters.interop import export_peft as export_peft
+from jadapters.interop import import_peft as import_peft
 from jadapters.linen.transform import AdaptedLinen as AdaptedLinen
 from jadapters.losses import AUX_LOSS_COLLECTION as AUX_LOSS_COLLECTION
 from jadapters.losses import AdapterLoss as AdapterLoss
@@ -77,6 +79,8 @@ __all__ = [
     "read_adapter_metadata",
     "save_adapters",
     "merge_adapters",
+    "export_peft",
+    "import_peft",
     "IA3",
     "IA3Config",
     "LoRA",
