@@ -11,8 +11,9 @@ The *source* domain is the upright digits. The *target* domain (:func:`shift_dom
 same digits rotated by 90 degrees and inverted: the tokens become the image's columns (so
 every token, and every position's meaning, changes) and the ink turns from bright to dark.
 The classes stay the same, so the pretrained head still means something, but the features
-the frozen base computes do not fit the new inputs: training the head alone recovers little,
-while adapters inside the blocks re-route the features and get close to full fine-tuning.
+the frozen base computes do not fit the new inputs: the pretrained model is near chance there.
+Training the head alone recovers part of it; adapters inside the blocks re-route the features
+and come closer to full fine-tuning.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""The four ways the demo adapts the pretrained model, and what each one saves.
+"""The four ways the demo adapts the pretrained model, what each one saves, and the switch.
 
 Every method starts from the same :class:`Start` (pretrained weights, shifted data, batches)
 and returns a result dict (plain values, see :func:`jadapters.demo.main.run_demo`) and a
-``replay`` of its compiled step for timing.
+``replay`` of its compiled step for timing. :func:`second_task` trains a second task adapter
+on another domain; :func:`switch` loads both task adapters from their checkpoints into a fresh
+model and switches between them; :func:`merged_lora` checks that merging changes nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from jadapters.demo import data, runs
 if TYPE_CHECKING:
     from jadapters.demo.config import DemoConfig
 
-ADAPTER_TARGETS = (r"blocks_\d+/attn", r"blocks_\d+/mlp")
-LORA_TARGETS = r"blocks_\d+/attn/(query|value)"
+# Named target groups: adapters are added as "group:name".
+ADAPTER_TARGETS = {"blocks": (r"blocks_\d+/attn", r"blocks_\d+/mlp")}
+LORA_TARGETS = {"attn": r"blocks_\d+/attn/(query|value)"}
+# The adapter trained for a domain is named after it.
+TASK_NAMES = {"rotate": "rotated", "invert": "inverted", "rotate+invert": "rotated_inverted"}
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -42,14 +47,10 @@ def save_tree(path: Path, tree: Any) -> None:
     checkpointer.close()
 
 
-def _save_adapters(path: Path, adapted: Any, variables: dict) -> str:
-    """Saves the adapter partition only; returns how, for the report."""
-    if hasattr(jadapters, "save_adapters"):
-        jadapters.save_adapters(str(path.resolve()), adapted, variables)
-        return "jadapters.save_adapters"
-    _, adapters = jadapters.split_variables(variables)
-    save_tree(path, {jadapters.ADAPTER_COLLECTION: adapters})
-    return "orbax StandardCheckpointer (jadapters.save_adapters is not in this version)"
+def _same(a: Any, b: Any) -> bool:
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.array_equal(u, v)), a, b)))
 
 
 def _reloads_exactly(path: Path, adapted: Any, targets: Any, start: Start, adapters: Any) -> bool:
@@ -57,11 +58,7 @@ def _reloads_exactly(path: Path, adapted: Any, targets: Any, start: Start, adapt
     rebuilds the same adapted model with the same adapter weights, bit for bit."""
     bare = jadapters.adapter_transform(start.model, targets)
     model, variables = jadapters.load_adapters(str(path.resolve()), bare, {"params": start.params})
-    _, loaded = jadapters.split_variables(variables)
-    if model != adapted or jax.tree.structure(loaded) != jax.tree.structure(adapters):
-        return False
-    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, adapters)
-    return all(jax.tree.leaves(same))
+    return model == adapted and _same(jadapters.split_variables(variables)[1], adapters)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -97,13 +94,17 @@ class Start:
             "lr": runs.LEARNING_RATES[name],
             "trainable_params": trainable,
             "trainable_share": trainable / self.total_params,
-            "step_seconds": None,  # filled in by run_demo, which times all methods together
+            # filled in by run_demo, which times all methods together:
+            "step_seconds": None,
+            "step_seconds_quartiles": None,
             "step_ratio": None,
+            "step_ratio_range": None,
             "target_acc": runs.accuracy(apply, variables, self.tgt.x_test, self.tgt.y_test),
             "source_acc": runs.accuracy(apply, variables, self.src.x_test, self.src.y_test),
             "source_acc_disabled": None,
             "disabled_logits_identical": None,
             "losses": log.losses,
+            "adapter": None,
             "checkpoint": str(Path(self.config.out_dir) / name),
             "checkpoint_bytes": None,
             "saved_with": None,
@@ -146,53 +147,123 @@ def run_base_method(start: Start, name: str) -> tuple[dict, Any]:
     return result, log.replay
 
 
-def adapted_model(start: Start, name: str) -> jadapters.AdaptedLinen | None:
-    """The model wrapped with ``name``'s adapters (``adapter`` or ``lora``), or ``None``
-    where this version of jadapters lacks them."""
-    if name == "adapter":
-        cfg = jadapters.LinearAdapterConfig(dim=start.config.adapter_dim)
-        wrapped = jadapters.adapter_transform(start.model, list(ADAPTER_TARGETS))
-        return wrapped.add_adapter("digits_shift", cfg)
-    if not hasattr(jadapters, "LoRAConfig"):
-        return None
-    rank = start.config.lora_rank
-    cfg = jadapters.LoRAConfig(rank=rank, alpha=2.0 * rank)
-    wrapped = jadapters.adapter_transform(start.model, LORA_TARGETS)
-    return wrapped.add_adapter("digits_shift_lora", cfg)
+def adapted_model(config: DemoConfig, model: Any, method: str, shift: str) -> Any:
+    """The model wrapped with ``method``'s adapter (``adapter`` or ``lora``) for the domain
+    ``shift``, named ``"group:<domain>"``."""
+    task = TASK_NAMES[shift]
+    if method == "adapter":
+        wrapped = jadapters.adapter_transform(model, ADAPTER_TARGETS)
+        cfg = jadapters.LinearAdapterConfig(dim=config.adapter_dim)
+        return wrapped.add_adapter(f"blocks:{task}", cfg)
+    rank = config.lora_rank
+    wrapped = jadapters.adapter_transform(model, LORA_TARGETS)
+    return wrapped.add_adapter(f"attn:{task}", jadapters.LoRAConfig(rank=rank, alpha=2.0 * rank))
 
 
-def run_adapter_method(
-    start: Start, name: str, adapted: jadapters.AdaptedLinen, key: jax.Array
-) -> tuple[dict, Any]:
-    """``adapter`` or ``lora``: trains the adapters of ``adapted``; the base, head included,
-    is a constant."""
+def _train_adapter(
+    start: Start, method: str, adapted: Any, split: data.Split, key: jax.Array, desc: str
+) -> tuple[Any, runs.TrainLog]:
     base = {"params": start.params}
     adapters = runs.init_adapters(adapted, base, jax.random.fold_in(key, 0))
-    train_key = jax.random.fold_in(key, 1)
-    adapters, log = runs.train_adapters(
+    return runs.train_adapters(
         adapted,
         base,
         adapters,
-        start.tgt.x_train,
-        start.tgt.y_train,
+        split.x_train,
+        split.y_train,
         start.indices,
-        key=train_key,
-        lr=runs.LEARNING_RATES[name],
-        desc=name,
+        key=jax.random.fold_in(key, 1),
+        lr=runs.LEARNING_RATES[method],
+        desc=desc,
         progress=start.config.progress,
     )
-    variables = jadapters.merge_variables(base, adapters)
+
+
+def run_adapter_method(start: Start, name: str, key: jax.Array) -> tuple[dict, Any, Any]:
+    """``adapter`` or ``lora``: trains the adapters only; the base, head included, is a
+    constant. Returns ``(result, replay, (adapted, variables))``."""
+    adapted = adapted_model(start.config, start.model, name, start.config.shift)
+    adapters, log = _train_adapter(start, name, adapted, start.tgt, key, name)
+    variables = jadapters.merge_variables({"params": start.params}, adapters)
     apply = runs.logits_fn(adapted)
     result = start.result(name, runs.count_params(adapters), log, apply, variables)
+    result["adapter"] = adapted.adapters.specs[0].qualified_name
     # With its adapters off, the adapted model must be the pretrained one, bit for bit.
     disabled = runs.logits_fn(adapted.set_enabled_adapters(None, enabled=False))
     off_logits = np.asarray(disabled(variables, start.src.x_test))
     result["source_acc_disabled"] = float((off_logits.argmax(-1) == start.src.y_test).mean())
     result["disabled_logits_identical"] = bool(np.array_equal(off_logits, start.base_logits))
     path = Path(result["checkpoint"])
-    result["saved_with"] = _save_adapters(path, adapted, variables)
+    jadapters.save_adapters(str(path.resolve()), adapted, variables)
+    result["saved_with"] = "jadapters.save_adapters"
     result["checkpoint_bytes"] = disk_bytes(path)
-    if result["saved_with"] == "jadapters.save_adapters" and hasattr(jadapters, "load_adapters"):
-        targets = list(ADAPTER_TARGETS) if name == "adapter" else LORA_TARGETS
-        result["reloaded_identical"] = _reloads_exactly(path, adapted, targets, start, adapters)
-    return result, log.replay
+    targets = ADAPTER_TARGETS if name == "adapter" else LORA_TARGETS
+    result["reloaded_identical"] = _reloads_exactly(path, adapted, targets, start, adapters)
+    return result, log.replay, (adapted, variables)
+
+
+def second_task(start: Start, shift: str, key: jax.Array) -> dict:
+    """Trains a second bottleneck adapter, on the domain ``shift``, from the same base and
+    saves it: the second of the two task adapters that :func:`switch` loads."""
+    shifted = data.Split(
+        data.shift_domain(start.src.x_train, shift),
+        start.src.y_train,
+        data.shift_domain(start.src.x_test, shift),
+        start.src.y_test,
+    )
+    adapted = adapted_model(start.config, start.model, "adapter", shift)
+    adapters, log = _train_adapter(start, "adapter", adapted, shifted, key, TASK_NAMES[shift])
+    variables = jadapters.merge_variables({"params": start.params}, adapters)
+    path = Path(start.config.out_dir) / f"adapter_{TASK_NAMES[shift]}"
+    jadapters.save_adapters(str(path.resolve()), adapted, variables)
+    apply = runs.logits_fn(adapted)
+    return {
+        "shift": shift,
+        "adapter": adapted.adapters.specs[0].qualified_name,
+        "target_acc": runs.accuracy(apply, variables, shifted.x_test, shifted.y_test),
+        "losses": log.losses,
+        "checkpoint": str(path),
+        "checkpoint_bytes": disk_bytes(path),
+    }
+
+
+def switch(start: Start, checkpoints: list[str], domains: list[str]) -> dict:
+    """Loads the task adapters saved at ``checkpoints`` into a fresh wrap of the pretrained
+    model and measures test accuracy with each one enabled (and with none) on each domain
+    (``"upright"`` or a shift)."""
+    model = jadapters.adapter_transform(start.model, ADAPTER_TARGETS)
+    variables = {"params": start.params}
+    for path in checkpoints:
+        model, variables = jadapters.load_adapters(str(Path(path).resolve()), model, variables)
+    names = [spec.qualified_name for spec in model.adapters]
+    tests = {
+        d: start.src.x_test if d == "upright" else data.shift_domain(start.src.x_test, d)
+        for d in domains
+    }
+    accuracy = {}
+    for enabled in [None, *names]:
+        switched = model.set_enabled_adapters(enabled=False)
+        if enabled is not None:
+            switched = switched.set_enabled_adapters(enabled, enabled=True)
+        apply = runs.logits_fn(switched)
+        accuracy[enabled or "none"] = {
+            d: runs.accuracy(apply, variables, x, start.src.y_test) for d, x in tests.items()
+        }
+    return {"checkpoints": list(checkpoints), "adapters": names, "accuracy": accuracy}
+
+
+def merged_lora(start: Start, adapted: Any, variables: Any) -> dict:
+    """Folds the LoRA adapter into the base kernels; the merged *unwrapped* model must
+    classify like the unmerged adapted one."""
+    merged = jadapters.merge_adapters(adapted, variables)
+    x, y = start.tgt.x_test, start.tgt.y_test
+    unmerged_logits = np.asarray(runs.logits_fn(adapted)(variables, x))
+    merged_logits = np.asarray(runs.logits_fn(start.model)({"params": merged}, x))
+    return {
+        "target_acc_unmerged": float((unmerged_logits.argmax(-1) == y).mean()),
+        "target_acc_merged": float((merged_logits.argmax(-1) == y).mean()),
+        "max_abs_logit_diff": float(np.abs(merged_logits - unmerged_logits).max()),
+        "same_predictions": bool(
+            np.array_equal(merged_logits.argmax(-1), unmerged_logits.argmax(-1))
+        ),
+    }

@@ -11,7 +11,8 @@ What each way of adapting differentiates:
 
 Each loop leaves a ``replay`` of its compiled step; :func:`time_interleaved` times them in
 turns, all at the same batch size, in the same process, so the demo can report each method's
-step time relative to full fine-tuning even on a machine shared with other work.
+step time relative to full fine-tuning, with its spread, even on a machine shared with other
+work.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import optax
 from tqdm import tqdm
 
 import jadapters
-from jadapters.demo.data import NUM_CLASSES
 from jadapters.demo.models import LinenTransformer
 
 TOKENS = 8
@@ -51,34 +51,23 @@ class TrainLog:
 
 def time_interleaved(
     replays: dict[str, Callable[[], None]], *, rounds: int = 10, steps: int = 10
-) -> dict[str, float]:
-    """Median seconds per step of each compiled step, timed in turns.
+) -> dict[str, np.ndarray]:
+    """Seconds of each step of each compiled step, timed in turns: ``(rounds, steps)`` each.
 
     Each round times ``steps`` steps of every method in turn, so that the load from other
-    processes on a shared machine falls on all methods alike.
+    processes on a shared machine falls on all methods alike, and ratios between methods can
+    be taken round by round.
     """
-    times: dict[str, list[float]] = {name: [] for name in replays}
+    times: dict[str, np.ndarray] = {name: np.zeros((rounds, steps)) for name in replays}
     for replay in replays.values():
         replay()  # warm: any first-call work is not a step
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, replay in replays.items():
-            for _ in range(steps):
+            for s in range(steps):
                 start = time.perf_counter()
                 replay()
-                times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def build_model(*, d_model: int, layers: int, heads: int) -> LinenTransformer:
-    """The demo's classifier: a small pre-norm transformer over the 8 row tokens."""
-    return LinenTransformer(
-        num_classes=NUM_CLASSES,
-        d_model=d_model,
-        num_layers=layers,
-        num_heads=heads,
-        mlp_dim=2 * d_model,
-        max_len=TOKENS,
-    )
+                times[name][r, s] = time.perf_counter() - start
+    return times
 
 
 def batch_indices(key: jax.Array, n: int, steps: int, batch_size: int) -> np.ndarray:
