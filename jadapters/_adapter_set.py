@@ -12,9 +12,15 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from flax import nnx
+
 INSERTIONS = ("output", "parallel", "input", "weight")
 RESERVED_NAMES = ("global_cfg", "adapter_layer", "params", "base", "adapters")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+# NNX keeps a host's adapters as attributes of an ``nnx.Dict``: a name equal to one of its
+# attributes (``keys``, ``items``, ``train``, ...) would shadow it. One grammar serves both
+# front-ends, so that a checkpoint written by one loads into the other.
+CONTAINER_NAMES = tuple(sorted(a for a in dir(nnx.Dict) if not a.startswith("_")))
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,34 +45,84 @@ class AdapterSpec:
 
 
 def check_name(name: Any) -> None:
-    """Raises ``ValueError`` for a malformed or reserved adapter name."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    """Raises ``ValueError`` for a malformed or reserved adapter name.
+
+    A name starts with an ASCII letter and goes on with letters, digits, ``_`` and ``-``; it
+    is none of :data:`RESERVED_NAMES` nor :data:`CONTAINER_NAMES`.
+
+    >>> check_name("task-1")
+    >>> check_name("1task")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter name must start with a letter ... got '1task'.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
-            f"adapter name must start with a letter or '_' and contain only letters, digits, "
-            f"'_' and '-' (route to a module with 'module:name'), got {name!r}."
+            "adapter name must start with a letter and contain only letters, digits, '_' and "
+            f"'-' (route it to a group with 'group:name'), got {name!r}."
         )
-    if name in RESERVED_NAMES:
+    if name in RESERVED_NAMES or name in CONTAINER_NAMES:
         raise ValueError(
-            f"adapter name {name!r} is reserved; reserved names are {list(RESERVED_NAMES)}."
+            f"adapter name {name!r} is reserved; pick another name. Reserved names are "
+            f"{list(RESERVED_NAMES)} and the attributes of the NNX adapter container "
+            f"{list(CONTAINER_NAMES)}."
+        )
+
+
+def check_group_name(group: Any) -> None:
+    """Raises ``ValueError`` unless ``group`` can name a target group: any ``str`` without
+    ``':'`` (which separates the group from the adapter name); ``''`` is the default group.
+
+    >>> check_group_name("decoder")
+    >>> check_group_name("a:b")
+    Traceback (most recent call last):
+    ...
+    ValueError: target group names must be str without ':' ... got 'a:b'.
+    """
+    if not isinstance(group, str) or ":" in group:
+        raise ValueError(
+            "target group names must be str without ':' (':' separates the group from the "
+            f"adapter name in 'group:name'); rename the group, got {group!r}."
         )
 
 
 def split_qualified_name(name: Any, groups: Sequence[str]) -> tuple[str, str]:
-    """Splits ``"group:name"`` into ``(group, name)``; a bare name goes to the default ``''``.
+    """Splits ``"group:name"`` into ``(group, name)``.
+
+    A bare ``name`` (or ``":name"``) means the default group ``''``, and only that: a model
+    whose targets declare no ``''`` group needs ``"group:name"``.
 
     Raises:
-      ValueError: for a malformed or reserved name, or a group not in ``groups``.
+      ValueError: for a malformed or reserved name, more than one ``':'``, a group not in
+        ``groups``, or a bare name on a model without a default group.
+
+    >>> split_qualified_name("decoder:task", ["", "decoder"])
+    ('decoder', 'task')
+    >>> split_qualified_name("task", ["", "decoder"])
+    ('', 'task')
     """
     if not isinstance(name, str):
-        raise ValueError(f"adapter name must be a str, got {name!r}.")
+        raise ValueError(
+            f"adapter name must be a str such as 'task' or 'group:task', got {name!r}."
+        )
+    groups = list(groups)
+    if name.count(":") > 1:
+        raise ValueError(
+            f"adapter name {name!r} has more than one ':'; write 'group:name' with one of the "
+            f"groups {groups} (neither group nor adapter names may contain ':')."
+        )
     group, sep, bare = name.rpartition(":")
-    if not sep:
-        group, bare = "", name
     check_name(bare)
+    if not sep and "" not in groups:
+        example = f"{groups[0]}:{bare}" if groups else f"group:{bare}"
+        raise ValueError(
+            f"adapter name {name!r} names no group, and this model's targets declare no default "
+            f"group ''; its groups are {groups}. Write 'group:name', e.g. {example!r}."
+        )
     if group not in groups:
         raise ValueError(
-            f"unknown adapter module {group!r} in {name!r}; valid modules are "
-            f"{list(groups)} ('' is the default module)."
+            f"unknown adapter module {group!r} in {name!r}; valid modules are {groups}"
+            + (" ('' is the default module)." if "" in groups else ".")
         )
     return group, bare
 
@@ -105,6 +161,8 @@ class AdapterSet:
 
     def get(self, name: str) -> AdapterSpec | None:
         """The adapter called ``name``; a ``"group:name"`` must also match its group."""
+        if not isinstance(name, str):
+            return None
         group, sep, bare = name.rpartition(":")
         for spec in self.specs:
             if spec.name == bare and (not sep or spec.group == group):

@@ -43,7 +43,21 @@ def trainable_mask(model: Any, variables: Any = None) -> Any:
 
 def param_labels(model: Any, variables: Any = None) -> Any:
     """Labels ``"adapters"``/``"frozen"`` for ``optax.multi_transform``; see
-    :func:`trainable_mask` for the tree they cover."""
+    :func:`trainable_mask` for the tree they cover.
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import jadapters
+    >>> adapted = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
+    >>> adapted = adapted.add_adapter("task", jadapters.IA3Config())
+    >>> variables = adapted.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> labels = param_labels(adapted, variables)
+    >>> labels["adapters"], labels["params"]
+    ({'layers_0': {'task': {'scale': 'adapters'}}},
+     {'layers_0': {'bias': 'frozen', 'kernel': 'frozen'}})
+    >>> tx = freeze_base(optax.adam(1e-3), labels)  # state for the adapters only:
+    >>> [x.shape for x in jax.tree.leaves(tx.init(variables))]
+    [(), (2,), (2,)]
+    """
     return view_of(model, variables).labels()
 
 

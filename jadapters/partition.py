@@ -39,6 +39,17 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """Splits an NNX model into ``(graphdef, adapters, base)``: adapter weights, then all else.
 
     ``nnx.merge(graphdef, adapters, base)`` rebuilds the model.
+
+    >>> import jax, jax.numpy as jnp, jadapters
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> model = jadapters.adapter_transform(model, "layers/0")
+    >>> model.add_adapter("task", jadapters.LoRAConfig(rank=1), rngs=nnx.Rngs(1))
+    >>> graphdef, adapters, base = split_model(model)
+    >>> [x.shape for x in jax.tree.leaves(adapters)], [x.shape for x in jax.tree.leaves(base)]
+    ([(3, 1), (1, 2)], [(2,), (3, 2)])
+    >>> nnx.merge(graphdef, adapters, base)(jnp.ones((1, 3))).shape
+    (1, 2)
     """
     graphdef, adapters, base = nnx.split(model, AdapterParam, ...)
     return graphdef, adapters, base
@@ -67,7 +78,20 @@ class AdapterSummaryRow:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSummary:
-    """What :func:`summarize` returns; ``str()`` renders a table."""
+    """What :func:`summarize` returns; ``str()`` renders a table.
+
+    Attributes:
+      rows: one row per adapter (name, group, type, insertion, enabled, hosts, shapes, params,
+        bytes), in chain order.
+      base_params, base_bytes: the size of the base model's parameters.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jadapters
+    >>> adapted = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
+    >>> adapted = adapted.add_adapter("task", jadapters.IA3Config())
+    >>> summary = jadapters.summarize(adapted, adapted.init(jax.random.key(0), jnp.ones((1, 3))))
+    >>> summary.adapter_params, summary.base_params, summary.rows[0].hosts
+    (2, 8, ('layers_0',))
+    """
 
     rows: tuple[AdapterSummaryRow, ...]
     base_params: int
@@ -75,6 +99,7 @@ class AdapterSummary:
 
     @property
     def adapter_params(self) -> int:
+        """The number of adapter parameters, all adapters together."""
         return sum(r.params for r in self.rows)
 
     def __str__(self) -> str:
@@ -117,6 +142,16 @@ def summarize(model: Any, variables: Any = None) -> AdapterSummary:
 
     Raises:
       ValueError: for a model that is not adapted, or an adapter without weights.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jadapters
+    >>> adapted = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
+    >>> adapted = adapted.add_adapter("task", jadapters.IA3Config())
+    >>> print(summarize(adapted, adapted.init(jax.random.key(0), jnp.ones((1, 3)))))
+    name          group     type            insertion on   hosts      params  % of base
+    task          ''        IA3             output    yes      1           2    25.000%
+    total: 2 adapter parameters, 25.000% of the base's 8
+      task: hosts ['layers_0']
+        layers_0/task/scale: (2,)
     """
     view = view_of(model, variables)
     base_params, base_bytes = _count(view.base_params())

@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from jadapters._adapter_set import check_group_name
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Target:
@@ -55,9 +57,18 @@ class Target:
 TargetsLike = str | Target | Sequence[str | Target] | Mapping[str, Any]
 
 
-def _as_rules(value: Any, group: str) -> tuple[Target, ...]:
+_FORMS = (
+    "a regex string, a Target, a list of them (the default group ''), or a mapping of group "
+    'names to those (e.g. {"encoder": r"encoder/.*/mlp", "decoder": [r"decoder/.*/mlp"]})'
+)
+
+
+def _as_rules(value: Any, group: str, targets: Any) -> tuple[Target, ...]:
+    where = "targets" if value is targets else f"targets[{group!r}]"
     if isinstance(value, (str, Target)):
         value = [value]
+    elif isinstance(value, (Mapping, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{where} must be {_FORMS}; got {value!r}.")
     rules = []
     for item in value:
         if isinstance(item, str):
@@ -66,36 +77,50 @@ def _as_rules(value: Any, group: str) -> tuple[Target, ...]:
             rules.append(item)
         else:
             raise ValueError(
-                f"targets for group {group!r} must be regex strings or Target rules, got {item!r}."
+                f"{where} must hold regex strings or Target rules, got {item!r} in {value!r}."
             )
     if not rules:
-        raise ValueError(f"targets for group {group!r} are empty; give at least one pattern.")
+        raise ValueError(f"{where} is empty; give at least one pattern, got {value!r}.")
     return tuple(rules)
 
 
 def normalize_targets(targets: TargetsLike) -> tuple[tuple[str, tuple[Target, ...]], ...]:
-    """Turns the user's ``targets`` into ``((group, rules), ...)`` with ``''`` first.
+    """Turns the user's ``targets`` into ``((group, rules), ...)``, ``''`` first if present.
 
-    A pattern or a list of them is the default group ``''``. A mapping names groups; when it
-    has no ``''`` entry, the default group is the first one listed.
+    A pattern, a :class:`Target` or a list of them is the default group ``''``. A mapping
+    names its groups; it has a default group only if it has a ``''`` entry (a bare adapter
+    name then goes there; without one, every adapter needs ``"group:name"``).
 
-    >>> normalize_targets({"encoder": "enc/.*", "decoder": "dec/.*"})[0][0]
-    ''
+    Raises:
+      ValueError: for ``targets`` of any other form (naming the accepted ones), an empty
+        group, a rule that is neither a regex string nor a :class:`Target`, or a group name
+        that is not a ``str`` without ``':'``.
+
+    >>> [group for group, _ in normalize_targets({"encoder": "enc/.*", "": "dec/.*"})]
+    ['', 'encoder']
+    >>> [group for group, _ in normalize_targets({"encoder": "enc/.*", "decoder": "dec/.*"})]
+    ['encoder', 'decoder']
+    >>> normalize_targets(None)
+    Traceback (most recent call last):
+    ...
+    ValueError: targets must be a regex string, a Target, a list of them ... got None.
     """
     if isinstance(targets, Mapping):
         if not targets:
-            raise ValueError("targets is empty; name at least one group of patterns.")
+            raise ValueError(f"targets is empty; name at least one group: {_FORMS}.")
         groups = []
         for group, value in targets.items():
-            if not isinstance(group, str) or ":" in group:
-                raise ValueError(f"target group names must be str without ':', got {group!r}.")
-            groups.append((group, _as_rules(value, group)))
-        if "" not in dict(groups):
-            groups.insert(0, ("", groups[0][1]))
-        else:
-            groups.sort(key=lambda g: g[0] != "")
+            check_group_name(group)
+            groups.append((group, _as_rules(value, group, targets)))
+        groups.sort(key=lambda g: g[0] != "")
         return tuple(groups)
-    return (("", _as_rules(targets, "")),)
+    return (("", _as_rules(targets, "", targets)),)
+
+
+def pattern_matches(rules: Iterable[Target], path: str) -> bool:
+    """Whether any of ``rules``' patterns matches the whole ``path`` (methods and module
+    types aside: this is what a path alone can tell)."""
+    return any(re.fullmatch(rule.pattern, path) is not None for rule in rules)
 
 
 def closest_paths(pattern: str, paths: Iterable[str], limit: int = 12) -> list[str]:

@@ -21,8 +21,10 @@ def adapter_transform(
     ``targets`` names where adapters may go: a regex (or list of them, or
     :class:`~jadapters.Target` rules) for the default group ``''``, or a mapping of group names
     to patterns (``{"encoder": r"encoder/.*/mlp", "decoder": r"decoder/.*/mlp"}``) so that
-    ``add_adapter("decoder:name", cfg)`` routes to a group. Patterns match whole module paths:
-    submodule names from the root joined by ``/``.
+    ``add_adapter("decoder:name", cfg)`` routes to a group. A bare ``add_adapter("name", cfg)``
+    goes to the default group ``''`` only; a mapping without a ``''`` entry has none, and its
+    adapters need ``"group:name"``. Group names are any ``str`` without ``':'``. Patterns match
+    whole module paths: submodule names from the root joined by ``/``.
 
     * **Linen**: returns an :class:`~jadapters.AdaptedLinen` module. It is immutable:
       ``add_adapter``/``set_enabled_adapters`` return a new module. ``init`` returns
@@ -44,7 +46,9 @@ def adapter_transform(
 
     Raises:
       ValueError: for a pattern that matches no module (listing the paths that exist,
-        closest first), malformed targets, or a model that is neither Linen nor NNX.
+        closest first), ``targets`` of another form (``None``, a number, an empty group, a
+        group name with ``':'``; the message names the accepted forms), or a model that is
+        neither Linen nor NNX.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> import jadapters

@@ -42,7 +42,9 @@ class AdapterView(Protocol):
         """Every adapter's name, group, config, insertion and enabled state, in chain order."""
 
     def groups(self) -> list[str]:
-        """The adapter module (group) names, the default ``''`` first."""
+        """The adapter module (group) names, the default ``''`` first (when declared); NNX adds
+        the paths of its other adapter-capable modules (the group of an adapter added on one
+        itself)."""
 
     def weights(self, specs: Sequence[AdapterSpec]) -> list[AdapterWeights]:
         """The weights of ``specs`` at each of their hosts.
@@ -72,6 +74,10 @@ class AdapterView(Protocol):
 
     def check_hosts(self, spec: AdapterSpec, paths: Sequence[str]) -> None:
         """Raises ``ValueError`` unless adapter ``spec`` saved at ``paths`` fits this model."""
+
+    def in_group(self, group: str, path: str) -> bool:
+        """Whether the module at ``path`` is a host of adapter module ``group`` (Linen: one
+        of the group's target patterns matches the path)."""
 
     def insert(self, loaded: Sequence[AdapterWeights], *, rngs: Any = None) -> Any:
         """Adds (or replaces) the adapters with their weights; the front-end's own result."""

@@ -80,10 +80,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def adapted(model):
-    """'a' goes to the default group (= 'attn', the first one), 'mlp:m' to the MLPs."""
+    """'attn:a' goes to the attention projections, 'mlp:m' to the MLPs."""
     return (
         jadapters.adapter_transform(model, TARGETS)
-        .add_adapter("a", LinearAdapterConfig(dim=DIM))
+        .add_adapter("attn:a", LinearAdapterConfig(dim=DIM))
         .add_adapter("mlp:m", LinearAdapterConfig(dim=DIM))
     )
 
@@ -141,7 +141,7 @@ def test_host_paths_by_group(adapted, variables, x):
     attn = {f"blocks_{i}/attn/{p}" for i in range(LAYERS) for p in ("query", "value")}
     mlp = {f"blocks_{i}/mlp" for i in range(LAYERS)}
     hosts = adapted.host_paths({"params": variables["params"]}, x)
-    assert {g: set(h) for g, h in hosts.items()} == {"": attn, "attn": attn, "mlp": mlp}
+    assert {g: set(h) for g, h in hosts.items()} == {"attn": attn, "mlp": mlp}
 
 
 def test_adapter_added_after_init_needs_init_adapters(adapted, variables, x):
@@ -160,6 +160,37 @@ def test_adapter_added_after_init_needs_init_adapters(adapted, variables, x):
             {k: v for k, v in _flat_items(grown_vars["adapters"]) if f"/{name}/" in k},
             {k: v for k, v in _flat_items(variables["adapters"]) if f"/{name}/" in k},
         )
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"mlp": r"blockz_\d+/mlp"},  # every pattern misses: was KeyError 'adapters'
+        {"mlp": [r"blocks_\d+/mlp", r"blockz_\d+/mlp"]},  # one misses: was silent
+        {"mlp": r"blocks_\d+/mlp", "attn": r"blockz_\d+/attn/query"},  # another group's
+    ],
+    ids=["all-miss", "one-of-two-misses", "other-group-misses"],
+)
+def test_init_adapters_checks_the_targets_like_init(model, variables, x, targets):
+    adapted = jadapters.adapter_transform(model, targets)
+    adapted = adapted.add_adapter("mlp:late", LinearAdapterConfig(dim=2))
+    message = r"target pattern 'blockz_.*' \(group '(mlp|attn)'\) matches no module\. Module"
+    with pytest.raises(ValueError, match=message) as from_init:
+        adapted.init(jax.random.key(1), x)
+    with pytest.raises(ValueError, match=message) as from_init_adapters:
+        adapted.init_adapters(jax.random.key(1), {"params": variables["params"]}, x)
+    assert str(from_init_adapters.value) == str(from_init.value)
+    assert "Module paths that exist, closest first: ['blocks_" in str(from_init.value)
+
+
+def test_init_adapters_without_adapters_returns_the_variables(model, variables, x):
+    adapted = jadapters.adapter_transform(model, TARGETS)
+    base = {"params": variables["params"]}
+    assert adapted.init_adapters(jax.random.key(1), base, x) == base
+    grown = adapted.add_adapter("mlp:late", LinearAdapterConfig(dim=2))
+    grown_vars = grown.init_adapters(jax.random.key(1), base, x)
+    assert sorted(grown_vars) == ["adapters", "params"]
+    assert _adapter_sites(grown_vars["adapters"]) == {(f"blocks_{i}/mlp", "late") for i in (0, 1)}
 
 
 def _flat_items(tree):

@@ -9,6 +9,7 @@ a changed adapter set is a changed static structure, hence a new trace.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -24,12 +25,15 @@ from jadapters._adapter_set import (
     split_qualified_name,
 )
 from jadapters.kernels import kernel_layout
-from jadapters.linen.view import LinenView
+from jadapters.linen.view import LinenView, ambiguous_position
 from jadapters.losses import AUX_LOSS_COLLECTION
 from jadapters.registry import build_adapter, config_of
 from jadapters.runtime import run_host
 from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.targets import Target, path_str, unmatched_error
+
+# Set while ``init_adapters`` runs the model: check the targets as ``init`` does.
+_CHECK_TARGETS = contextvars.ContextVar("jadapters_check_targets", default=False)
 
 
 def _add(a, b):
@@ -60,9 +64,28 @@ class AdaptedLinen(nn.Module):
       boxed: the wrapped, unmodified Linen module (``.model``), boxed so that Flax does not
         bind it as a named child: its variables and PRNG streams stay exactly the unwrapped
         model's.
-      groups: ``((group, (Target, ...)), ...)``, the default group ``''`` first.
+      groups: ``((group, (Target, ...)), ...)``, the default group ``''`` first when the
+        targets declare one.
       adapters: the adapters, in chain order.
       accepted_types: adapter types allowed; empty means any registered type.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jadapters
+    >>> base = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> adapted = jadapters.adapter_transform(base, {"first": "layers_0", "last": "layers_2"})
+    >>> adapted = adapted.add_adapter("first:lora", jadapters.LoRAConfig(rank=2))
+    >>> adapted = adapted.add_adapter("last:ia3", jadapters.IA3Config())
+    >>> x = jnp.ones((1, 3))
+    >>> variables = adapted.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, variables["adapters"])
+    {'layers_0': {'lora': {'a': (3, 2), 'b': (2, 4)}}, 'layers_2': {'ia3': {'scale': (2,)}}}
+    >>> adapted.apply(variables, x).shape
+    (1, 2)
+    >>> off = adapted.set_enabled_adapters(enabled=False)  # a new module; adapted is unchanged
+    >>> bool((off.apply(variables, x) == base.apply({"params": variables["params"]}, x)).all())
+    True
+    >>> more = adapted.add_adapter("first:extra", jadapters.IA3Config())
+    >>> sorted(more.init_adapters(jax.random.key(1), variables, x)["adapters"]["layers_0"])
+    ['extra', 'lora']
     """
 
     boxed: _Boxed
@@ -79,7 +102,7 @@ class AdaptedLinen(nn.Module):
 
     @property
     def adapter_module_names(self) -> list[str]:
-        """The adapter module (group) names, the default ``''`` first."""
+        """The adapter module (group) names, the default ``''`` first (when declared)."""
         return [g for g, _ in self.groups]
 
     def add_adapter(self, name: str, cfg: Any, *, insertion: str | None = None) -> AdaptedLinen:
@@ -110,9 +133,12 @@ class AdaptedLinen(nn.Module):
         return self.clone(adapters=self.adapters.remove(name))
 
     def set_accepted_adapter_types(self, types) -> AdaptedLinen:
+        """Returns a new model that accepts only adapters of ``types`` (config or module
+        classes); an empty list accepts every registered type."""
         return self.clone(accepted_types=tuple(types))
 
     def get_accepted_adapter_types(self) -> tuple[type, ...]:
+        """The adapter types this model accepts; empty means any registered type."""
         return self.accepted_types
 
     def is_adapter_available(self) -> bool:
@@ -124,6 +150,7 @@ class AdaptedLinen(nn.Module):
         return self.adapters.enabled_names()
 
     def get_adapter_cfg(self, name: str) -> Any:
+        """The config of adapter ``name`` (or ``"group:name"``); ``None`` if there is none."""
         spec = self.adapters.get(name)
         return None if spec is None else spec.cfg
 
@@ -145,7 +172,7 @@ class AdaptedLinen(nn.Module):
             # its PRNG streams, exactly as it does unwrapped.
             model = self.model.clone(parent=self.scope, _deep_clone=True)
             out = getattr(model, method)(*args, **kwargs)
-        if self.is_initializing():
+        if self.is_initializing() or _CHECK_TARGETS.get():
             self._check_all_matched(seen)
         return out
 
@@ -154,11 +181,20 @@ class AdaptedLinen(nn.Module):
 
         Runs the model once on example ``args``/``kwargs`` (with the base's training flags
         off) and returns ``variables`` with the new adapter weights added.
+
+        Raises:
+          ValueError: as ``init`` does, for a target pattern that matches no module (listing
+            the paths that exist, closest first) or an adapter whose weights could not be
+            told apart from a module's.
         """
-        _, new = self.apply(
-            variables, *args, rngs={"params": rng}, mutable=[ADAPTER_COLLECTION], **kwargs
-        )
-        return {**variables, ADAPTER_COLLECTION: new[ADAPTER_COLLECTION]}
+        token = _CHECK_TARGETS.set(True)
+        try:
+            _, new = self.apply(
+                variables, *args, rngs={"params": rng}, mutable=[ADAPTER_COLLECTION], **kwargs
+            )
+        finally:
+            _CHECK_TARGETS.reset(token)
+        return {**variables, **new}
 
     def host_paths(self, variables: Any, *args, **kwargs) -> dict[str, list[str]]:
         """``{group: [host path, ...]}`` for one run of the model on example inputs."""
@@ -197,7 +233,9 @@ class AdaptedLinen(nn.Module):
         return out
 
     def _groups_of(self, path: str, module: Any, method: str) -> set[str]:
-        """The groups whose rules wrap this call."""
+        """The groups whose rules wrap this call (never the root's: it is the model)."""
+        if not path:
+            return set()
         return {
             g for g, rules in self.groups if any(r.applies(path, module, method) for r in rules)
         }
@@ -208,35 +246,32 @@ class AdaptedLinen(nn.Module):
 
     def _interceptor(self, adapter_train: bool, seen: list):
         wrapper = self
+        root = _root_scope(self)
 
         def intercept(next_fun, args, kwargs, context):
             module = context.module
             if module is wrapper or module.scope is None:
                 return next_fun(*args, **kwargs)
+            own = _root_scope(module)
+            if own is not root and not tuple(own.path):
+                return next_fun(*args, **kwargs)  # an adapter's own layers, not the model's
             path = _host_path(module)
             seen.append((path, module, context.method_name))
             specs = wrapper._host_specs(path, module, context.method_name)
             if not specs:
                 return next_fun(*args, **kwargs)
+            clash = ambiguous_position(path, wrapper.adapters, wrapper.groups)
+            if clash is not None:
+                raise ValueError(clash)
             return _run_host(module, path, specs, next_fun, args, kwargs, adapter_train)
 
         return intercept
 
     def _check_all_matched(self, seen) -> None:
-        names = set(self.adapters.names())
-        for path, module, method in seen:
-            if self._host_specs(path, module, method):
-                clash = names & set(path.split("/"))
-                if clash:
-                    raise ValueError(
-                        f"adapter name {sorted(clash)[0]!r} equals a module name on host path "
-                        f"{path!r}; rename the adapter so its weights cannot be confused with "
-                        "the module's."
-                    )
         paths = [p for p, _, _ in seen if p]
         for group, rules in self.groups:
             for rule in rules:
-                if not any(rule.matches(p, m) and meth in rule.methods for p, m, meth in seen):
+                if not any(rule.applies(p, m, meth) for p, m, meth in seen if p):
                     raise unmatched_error(rule, group, paths)
 
 
@@ -257,11 +292,15 @@ def _host_path(module: nn.Module) -> str:
     return path_str((*outer, *reversed(names)))
 
 
-def _in_lifted_transform(module: nn.Module) -> bool:
+def _root_scope(module: nn.Module) -> Any:
     scope = module.scope
     while scope.parent is not None:
         scope = scope.parent
-    return bool(tuple(scope.path))
+    return scope
+
+
+def _in_lifted_transform(module: nn.Module) -> bool:
+    return bool(tuple(_root_scope(module).path))
 
 
 def _recorder(seen):
@@ -296,7 +335,8 @@ class _LinenIO:
                     f"adapter {spec.name!r} cannot create weights at host {self.path!r}: the "
                     "host runs inside a lifted transform (nn.scan, nn.vmap) that does not carry "
                     "the 'adapters' collection. Adapters inside nn.scan/nn.vmap layer stacks "
-                    "are not supported; target modules outside the stack."
+                    "are not supported; target modules outside the stack, or build the layers "
+                    "in a Python loop (no nn.scan)."
                 )
             raise ValueError(
                 f"adapter {spec.name!r} has no weights at host {self.path!r}: it was added after "

@@ -2,15 +2,17 @@
 rebuilt functionally.
 
 Adapter weights live in ``variables["adapters"]`` nested by host path, then adapter name:
-``{"blocks_0": {"mlp": {"task": {...}}}}``. The first key from the root that names an adapter
-owns its subtree (``init`` rejects adapter names that equal a module name on a host path, so
-a host component never passes for an adapter).
+``{"blocks_0": {"mlp": {"task": {...}}}}``. A weight is identified by its exact position: the
+key ``name`` under the node at path ``host`` holds adapter ``name``'s weights at ``host``
+exactly when ``host`` is a target path of that adapter's group; any other key is a module
+on the way to deeper hosts. So an adapter may share its name with any module on its hosts'
+paths (adapter ``mlp`` at host ``blocks_0/mlp``). The one position that cannot be told apart
+(:func:`ambiguous_position`) is refused when the model runs.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.core
@@ -18,36 +20,103 @@ import jax
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
 from jadapters.storage import ADAPTER_COLLECTION
-from jadapters.targets import path_str
+from jadapters.targets import Target, path_str, pattern_matches
 from jadapters.view import FROZEN, TRAINABLE, AdapterWeights
 
+# (adapter name, host path) -> whether ``host`` is a target path of that adapter's group
+IsSite = Callable[[str, str], bool]
 
-def adapter_of(path: Any, names: Any) -> str | None:
-    """The adapter owning a leaf at ``path`` in the ``"adapters"`` collection, or ``None``."""
-    for key in path:
-        key = getattr(key, "key", key)
-        if key in names:
-            return key
+
+def site_rule(specs: AdapterSet, groups: Sequence[tuple[str, Sequence[Target]]]) -> IsSite:
+    """The position rule of ``specs`` under ``groups``: ``is_site(name, host)``.
+
+    >>> from jadapters import LinearAdapterConfig, Target
+    >>> spec = AdapterSpec("mlp", "g", LinearAdapterConfig(dim=2), "output")
+    >>> is_site = site_rule(AdapterSet((spec,)), [("g", (Target(pattern="b_[0-9]/mlp"),))])
+    >>> is_site("mlp", "b_0/mlp"), is_site("mlp", "b_0"), is_site("other", "b_0/mlp")
+    (True, False, False)
+    """
+    rules = dict(groups)
+    group_of = {s.name: s.group for s in specs}
+    cache: dict[tuple[str, str], bool] = {}
+
+    def is_site(name: str, host: str) -> bool:
+        if not host or name not in group_of:  # the root is the model, never a host
+            return False
+        key = (name, host)
+        if key not in cache:
+            cache[key] = pattern_matches(rules.get(group_of[name], ()), host)
+        return cache[key]
+
+    return is_site
+
+
+def owner_of(keys: Sequence[Any], is_site: IsSite) -> tuple[str, str] | None:
+    """``(host path, adapter name)`` owning the leaf at ``keys`` in the ``"adapters"``
+    collection, or ``None``: the first position from the root that is a site.
+
+    >>> owner_of(["blocks_0", "mlp", "mlp", "up", "kernel"], lambda n, h: h == "blocks_0/mlp")
+    ('blocks_0/mlp', 'mlp')
+    """
+    keys = [str(getattr(k, "key", k)) for k in keys]
+    for i, name in enumerate(keys):
+        host = path_str(keys[:i])
+        if is_site(name, host):
+            return host, name
     return None
 
 
-def adapter_subtrees(adapters: Any, names: Any) -> dict[str, dict[str, Any]]:
+def adapter_subtrees(adapters: Any, is_site: IsSite) -> dict[str, dict[str, Any]]:
     """``{adapter name: {host path: params}}`` of the ``"adapters"`` collection.
 
-    >>> adapter_subtrees({"blocks_0": {"mlp": {"task": {"w": 1}}}}, {"task"})
-    {'task': {'blocks_0/mlp': {'w': 1}}}
+    >>> tree = {"blocks_0": {"mlp": {"mlp": {"w": 1}, "other": {"w": 2}}}}
+    >>> adapter_subtrees(tree, lambda name, host: host == "blocks_0/mlp")
+    {'mlp': {'blocks_0/mlp': {'w': 1}}, 'other': {'blocks_0/mlp': {'w': 2}}}
     """
     found: dict[str, dict[str, Any]] = {}
 
     def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        host = path_str(prefix)
         for key, value in node.items():
-            if key in names:
-                found.setdefault(key, {})[path_str(prefix)] = value
-            elif hasattr(value, "items"):
+            if is_site(str(key), host):
+                found.setdefault(str(key), {})[host] = value
+            elif isinstance(value, Mapping):
                 walk(value, (*prefix, str(key)))
 
     walk(adapters, ())
     return found
+
+
+def ambiguous_position(
+    host: str, specs: AdapterSet, groups: Sequence[tuple[str, Sequence[Target]]]
+) -> str | None:
+    """Why the weights stored at ``host`` could be mistaken for another adapter's, or ``None``.
+
+    They could when a module on ``host``'s path (``prefix/name``, the host itself included)
+    is called like an adapter ``name`` whose group targets ``prefix``: then the key ``name``
+    under ``prefix`` would hold both that adapter's weights and the module's subtree.
+
+    >>> from jadapters import LinearAdapterConfig, Target
+    >>> spec = AdapterSpec("mlp", "g", LinearAdapterConfig(dim=2), "output")
+    >>> ambiguous_position("b_0/mlp", AdapterSet((spec,)), [("g", (Target(pattern=".*"),))])
+    "adapter name 'mlp' equals module 'b_0/mlp' on host path 'b_0/mlp', ..."
+    >>> ambiguous_position("b_0/mlp", AdapterSet((spec,)), [("g", (Target(pattern="b_0/mlp"),))])
+    """
+    is_site = site_rule(specs, groups)
+    keys = host.split("/") if host else []
+    for i, name in enumerate(keys):
+        prefix = path_str(keys[:i])
+        if is_site(name, prefix):
+            spec = specs.get(name)
+            patterns = [r.pattern for r in dict(groups)[spec.group]]
+            return (
+                f"adapter name {name!r} equals module {path_str(keys[: i + 1])!r} on host path "
+                f"{host!r}, and {prefix!r} is a target path of its group {spec.group!r} "
+                f"(patterns {patterns}), so the adapter's weights at {prefix!r} could not be "
+                "told apart from that module's. Rename the adapter, or narrow the group's "
+                "patterns so they do not match that path."
+            )
+    return None
 
 
 def _plain(tree: Any) -> Any:
@@ -117,16 +186,21 @@ class LinenView:
         return self.model.adapter_module_names
 
     def _in_group(self, group: str, path: str) -> bool:
-        rules = dict(self.model.groups).get(group, ())
-        return any(re.fullmatch(rule.pattern, path) for rule in rules)
+        return pattern_matches(dict(self.model.groups).get(group, ()), path)
+
+    def in_group(self, group: str, path: str) -> bool:
+        return self._in_group(group, path)
+
+    def _is_site(self) -> IsSite:
+        return site_rule(self.specs(), self.model.groups)
 
     def _found(self, adapters: Any, specs: Sequence[AdapterSpec]) -> dict[str, dict[str, Any]]:
-        found = adapter_subtrees(adapters, set(self.specs().names()))
+        found = adapter_subtrees(adapters, self._is_site())
         return {
             spec.name: {
                 host: _plain(value)
                 for host, value in found.get(spec.name, {}).items()
-                if isinstance(value, Mapping) and self._in_group(spec.group, host)
+                if isinstance(value, Mapping)
             }
             for spec in specs
         }
@@ -162,26 +236,56 @@ class LinenView:
         return params
 
     def labels(self) -> dict:
-        specs = self.specs()
-        enabled, names = set(specs.enabled_names()), set(specs.names())
+        enabled, is_site = set(self.specs().enabled_names()), self._is_site()
+
+        def label(path: Any, _: Any) -> str:
+            owner = owner_of(path, is_site)
+            return TRAINABLE if owner is not None and owner[1] in enabled else FROZEN
 
         def label_collection(name: str, tree: Any) -> Any:
             if name != ADAPTER_COLLECTION:
                 return jax.tree.map(lambda _: FROZEN, tree)
-            return jax.tree_util.tree_map_with_path(
-                lambda p, _: TRAINABLE if adapter_of(p, names) in enabled else FROZEN, tree
-            )
+            return jax.tree_util.tree_map_with_path(label, tree)
 
         return {name: label_collection(name, tree) for name, tree in self.variables.items()}
 
     def check_hosts(self, spec: AdapterSpec, paths: Sequence[str]) -> None:
+        specs = AdapterSet((*(s for s in self.specs() if s.name != spec.name), spec))
         for path in paths:
             if not self._in_group(spec.group, path):
-                patterns = [r.pattern for r in dict(self.model.groups)[spec.group]]
+                patterns = [r.pattern for r in dict(self.model.groups).get(spec.group, ())]
                 raise ValueError(
                     f"host {path!r} of adapter {spec.name!r} is not a target of adapter module "
                     f"{spec.group!r} in this model (patterns {patterns})."
                 )
+            clash = ambiguous_position(path, specs, self.model.groups)
+            if clash is not None:
+                raise ValueError(f"cannot load adapter {spec.name!r} at host {path!r}: {clash}")
+        unsaved = self._unsaved_hosts(spec.group, paths)
+        if unsaved:
+            raise ValueError(
+                f"adapter {spec.name!r} was saved at hosts {list(paths)}, but adapter module "
+                f"{spec.group!r} of this model also targets {unsaved}, which hold base "
+                "parameters and would have no weights of it (trained and fresh adapter weights "
+                "mixed). Load it into a model whose targets match the saved hosts."
+            )
+
+    def _unsaved_hosts(self, group: str, paths: Sequence[str]) -> list[str]:
+        """Module paths of ``params`` that ``group`` targets but ``paths`` lack. Only rules
+        without ``module_types`` count: a path alone cannot tell a module's type."""
+        rules = [r for r in dict(self.model.groups).get(group, ()) if not r.module_types]
+        saved, out = set(paths), []
+
+        def walk(node: Mapping, prefix: tuple[str, ...]) -> None:
+            for key, value in node.items():
+                if isinstance(value, Mapping):
+                    path = path_str((*prefix, str(key)))
+                    if path not in saved and pattern_matches(rules, path):
+                        out.append(path)
+                    walk(value, (*prefix, str(key)))
+
+        walk(_plain(self.variables["params"]), ())
+        return out
 
     def insert(self, loaded: Sequence[AdapterWeights], *, rngs: Any = None) -> tuple[Any, dict]:
         """``(new_model, new_variables)`` with the loaded adapters; the inputs are unchanged."""
