@@ -67,6 +67,16 @@ class LinenTrainStep:
     auxiliary losses) and ``metrics["aux_loss"]``. ``adapter_params`` and ``opt_state`` are
     donated: do not reuse the arrays you passed in. Only the enabled adapters train; disabled
     ones pass through untouched.
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jadapters
+    >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
+    >>> model = model.add_adapter("task", jadapters.IA3Config())
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> step = jadapters.linen_train_step(model, lambda apply, x: apply(x).sum(), optax.adam(0.1))
+    >>> isinstance(step, LinenTrainStep)
+    True
+    >>> [x.shape for x in jax.tree.leaves(step.init(variables["adapters"]))]  # count, mu, nu
+    [(), (2,), (2,)]
     """
 
     adapted: Any
@@ -100,6 +110,26 @@ def linen_train_step(
         through its own flags (e.g. ``train=False``) so its batch statistics stay frozen.
       tx: the optax transformation for the adapters.
       donate: donate the adapter weights' and optimizer state's buffers.
+
+    Returns:
+      A :class:`LinenTrainStep`.
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jadapters
+    >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
+    >>> model = model.add_adapter("task", jadapters.IA3Config())
+    >>> x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> def loss_fn(apply, batch):
+    ...     return jnp.mean((apply(batch[0]) - batch[1]) ** 2)
+    >>> step = linen_train_step(model, loss_fn, optax.sgd(0.1))
+    >>> base = {"params": variables["params"]}  # never changes
+    >>> adapters, opt_state = variables["adapters"], step.init(variables["adapters"])
+    >>> losses, key = [], jax.random.key(1)
+    >>> for _ in range(3):
+    ...     adapters, opt_state, metrics = step(adapters, opt_state, base, (x, y), key)
+    ...     losses.append(float(metrics["loss"]))
+    >>> losses[0] > losses[1] > losses[2], float(metrics["aux_loss"])
+    (True, 0.0)
     """
 
     def step(adapter_params, opt_state, base_variables, batch, key):
@@ -198,11 +228,22 @@ def _keyed(tx: optax.GradientTransformation) -> optax.GradientTransformation:
 def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
     """An ``nnx.Optimizer`` over exactly the enabled adapters of an NNX model.
 
-    Optimizer state exists for those weights only. It also freezes the base's BatchNorm
+    Optimizer state exists for those weights only, so the optimizer belongs to those
+    adapters: when other adapters are enabled (enabled, disabled, added or removed), build a
+    new one; :func:`nnx_train_step` refuses a stale one. It also freezes the base's BatchNorm
     statistics (see :func:`jadapters.freeze_batchnorm`). Two optimizers built from equal
     transformations (``optax.adam(1e-3)`` twice) share one compiled
     :func:`nnx_train_step`: the transformation is compared by its code and hyperparameters,
     not by identity.
+
+    >>> import jax, optax, jadapters
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> model = jadapters.adapter_transform(model, "layers/0")
+    >>> model.add_adapter("task", jadapters.IA3Config(), rngs=nnx.Rngs(1))
+    >>> optimizer = adapter_optimizer(model, optax.adam(1e-3))
+    >>> [x.shape for x in jax.tree.leaves(nnx.state(optimizer.opt_state))]  # none for the base
+    [(), (2,), (2,)]
     """
     return nnx.Optimizer(model, _keyed(tx), wrt=model.unfreeze_enabled_adapters())
 
@@ -221,6 +262,10 @@ class NNXTrainStep:
     when the adapters change (add, remove, enable, disable) or a mode flag changes
     (``model.train()``/``eval()``, BatchNorm's ``use_running_average``). After changing the
     model's structure in any other way (replacing a submodule), call :meth:`reset`.
+
+    The optimizer must be one built for exactly the enabled adapters (same names, same weight
+    shapes): its state belongs to them. Otherwise the step raises ``ValueError`` before
+    anything runs, and the model and optimizer are unchanged.
     """
 
     def __init__(self, loss_fn: Callable[..., Any], *, donate: bool = True):
@@ -248,15 +293,15 @@ class NNXTrainStep:
 
     def _token(self, model: Any, optimizer: Any, modes: list) -> tuple:
         flags = tuple(getattr(m, a) for m, a in modes)
-        specs = getattr(model, "get_adapter_specs", None)
-        adapters = specs() if specs is not None else model._adapter_set()  # a host mixin
-        return (id(model), id(optimizer), adapters, flags)
+        # O(1): changes whenever any adapter is added, removed, enabled or disabled
+        return (id(model), id(optimizer), model._adapter_revision(), flags)
 
     def __call__(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> dict:
         if self._bound is not None:
             token, modes, cached = self._bound
             if token == self._token(model, optimizer, modes):
                 return cached(batch)
+        _check_optimizer(model, optimizer)
         modes = [
             (node, attr)
             for _, node in nnx.iter_graph(model)
@@ -273,7 +318,46 @@ class NNXTrainStep:
 
     def lower(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
         """``jax.stages.Lowered`` of the step, for inspecting or timing compilation."""
+        _check_optimizer(model, optimizer)
         return self.jitted.lower(model, optimizer, batch)
+
+
+def _selected(model: Any, wrt: Any) -> dict:
+    flat = nnx.to_flat_state(nnx.state(model, wrt))
+    return {tuple(path): (np.shape(v.get_value()), str(v.get_value().dtype)) for path, v in flat}
+
+
+def _check_optimizer(model: Any, optimizer: Any) -> None:
+    """Raises ``ValueError`` unless ``optimizer`` holds state for exactly the enabled adapters
+    of ``model`` (checked before anything is traced or changed)."""
+    now = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
+    built = getattr(optimizer, "wrt", None)
+    if type(built) is type(now):  # an adapter filter: it records its adapters' weights
+        if built == now:
+            return
+        if set(built.names) == set(now.names):
+            problem = (
+                f"the optimizer was built for adapters {built.names}, which are enabled, but "
+                "their weights changed shape or dtype since (an adapter was removed and added "
+                "again)"
+            )
+        else:
+            problem = (
+                f"the optimizer was built for adapters {built.names}, but the enabled "
+                f"adapters are now {now.names}"
+            )
+    else:  # a filter of the user's own: compare what it selects now
+        have, want = _selected(model, built), _selected(model, now)
+        if have == want:
+            return
+        problem = (
+            f"the optimizer's wrt={built!r} selects {len(have)} arrays, which are not the "
+            f"{len(want)} weights of the enabled adapters {now.names}"
+        )
+    raise ValueError(
+        f"{problem}. An optimizer's state belongs to the adapters it was built for: rebuild "
+        "it with jadapters.adapter_optimizer(model, tx) for the adapters enabled now."
+    )
 
 
 def nnx_train_step(loss_fn: Callable[..., Any], *, donate: bool = True) -> NNXTrainStep:
@@ -284,5 +368,18 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, donate: bool = True) -> NNXTr
     popped and added to the loss. Dropout and stochastic-depth keys come from each adapter's
     ``dropout`` stream (pass ``rngs=nnx.Rngs(params=..., dropout=...)`` to ``add_adapter``).
     The model's graph is split once and reused across calls (see :class:`NNXTrainStep`).
+
+    >>> import jax.numpy as jnp, optax, jadapters
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    >>> model = jadapters.adapter_transform(model, "layers/0")
+    >>> model.add_adapter("task", jadapters.IA3Config(), rngs=nnx.Rngs(1))
+    >>> optimizer = jadapters.adapter_optimizer(model, optax.sgd(0.1))
+    >>> x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+    >>> step = nnx_train_step(lambda m, batch: jnp.mean((m(batch[0]) - batch[1]) ** 2))
+    >>> kernel = model.layers[0].kernel[...]
+    >>> losses = [float(step(model, optimizer, (x, y))["loss"]) for _ in range(3)]
+    >>> losses[0] > losses[1] > losses[2], bool((model.layers[0].kernel[...] == kernel).all())
+    (True, True)
     """
     return NNXTrainStep(loss_fn, donate=donate)

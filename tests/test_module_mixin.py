@@ -6,7 +6,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from _frontends import assert_trees_equal
 from flax import nnx
 
 import jadapters
@@ -614,3 +616,107 @@ def test_remove_adapter_drops_weights_and_name():
     with pytest.raises(ValueError, match="unknown adapter module 'x'"):
         net.remove_adapter("x:b")
     assert net(jnp.ones((1, 8, 8))).shape == (1, 3)
+
+
+# --- adapters added on a module inside a model: part of the model's API ---------------------
+
+
+def test_module_level_adapter_is_part_of_the_model_api(net):
+    net.add_adapter("decoder:x", _cfg(), rngs=nnx.Rngs(1))
+    net.enc.add_adapter("h", _cfg(), rngs=nnx.Rngs(2))  # on the module, not through the model
+    assert net.get_enabled_adapters() == ["x", "h"]
+    assert [s.qualified_name for s in net.get_adapter_specs()] == ["decoder:x", "enc:h"]
+    assert net.get_adapter_cfg("enc:h") == _cfg()
+    net.set_enabled_adapters("enc:h", enabled=False)
+    assert net.enc.get_enabled_adapters() == [] and net.get_enabled_adapters() == ["x"]
+    net.set_enabled_adapters(enabled=True)
+    assert net.enc.get_enabled_adapters() == ["h"] and net.dec.get_enabled_adapters() == ["x"]
+    net.remove_adapter("enc:h")
+    assert not net.enc.is_adapter_available() and net.get_enabled_adapters() == ["x"]
+    net.add_adapter("enc:h2", _cfg(), rngs=nnx.Rngs(3))  # a module's path routes to it alone
+    assert net.enc.get_enabled_adapters() == ["h2"] and net.dec.get_enabled_adapters() == ["x"]
+    assert net.get_adapter_specs().get("h2").group == "enc"
+
+
+def test_module_level_adapter_names_are_unique_in_the_model(net):
+    net.enc.add_adapter("h", _cfg(), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="adapter name 'h' already exists in module 'enc'"):
+        net.add_adapter("decoder:h", _cfg(), rngs=nnx.Rngs(2))
+    assert not net.dec.is_adapter_available()
+    net.add_adapter("decoder:x", _cfg(), rngs=nnx.Rngs(2))
+    net.enc.add_adapter("x", _cfg(), rngs=nnx.Rngs(3))  # the module cannot see its model
+    clash = "adapter name 'x' is used twice in the model: by 'decoder:x' and by 'enc:x'"
+    with pytest.raises(ValueError, match=re.escape(clash) + ".*remove_adapter"):
+        net.get_enabled_adapters()
+    net.enc.remove_adapter("x")
+    assert net.get_enabled_adapters() == ["x", "h"]  # through the model first, then on modules
+
+
+def test_module_level_adapter_saves_loads_and_trains(net, randomize_adapters, tmp_path):
+    net.add_adapter("decoder:x", _cfg(), rngs=nnx.Rngs(1))
+    net.enc.add_adapter("h", _cfg(), rngs=nnx.Rngs(2))
+    randomize_adapters(net)
+    x = _x()
+    jadapters.save_adapters(str(tmp_path), net)
+    fresh = Net(rngs=nnx.Rngs(0))
+    jadapters.load_adapters(str(tmp_path), fresh)
+    assert fresh.enc.get_enabled_adapters() == ["h"] and fresh.get_enabled_adapters() == ["x", "h"]
+    assert_trees_equal(nnx.state(fresh, AdapterParam), nnx.state(net, AdapterParam))
+    np.testing.assert_array_equal(fresh(x), net(x))
+
+    base = jax.tree.map(np.asarray, nnx.state(fresh, nnx.Param))
+    h = jax.tree.map(np.asarray, nnx.state(fresh.enc, AdapterParam))
+    optimizer = jadapters.adapter_optimizer(fresh, optax.sgd(0.1))
+    jadapters.nnx_train_step(lambda m, b: jnp.mean(m(b) ** 2))(fresh, optimizer, x)
+    assert_trees_equal(nnx.state(fresh, nnx.Param), base)
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: not np.array_equal(a, b), h, nnx.state(fresh.enc, AdapterParam))
+    )
+    assert len(moved) == 4 and all(moved)
+
+
+class Wide(nnx.Module, jadapters.AdapterModuleMixin):
+    """Adapters on an inner stream twice as wide as the module's own width attribute."""
+
+    def __init__(self, dim, *, rngs):
+        self.up = nnx.Linear(dim, 2 * dim, rngs=rngs)
+        self.down = nnx.Linear(2 * dim, dim, rngs=rngs)
+        self.out_features = dim
+
+    def __call__(self, x):
+        h = self.up(x)
+        if self.is_adapter_available():
+            h = self.forward_enabled_adapters(h)
+        return self.down(h)
+
+
+class HostNet(nnx.Module, jadapters.AdapterModelMixin):
+    def __init__(self, host, *, rngs):
+        self.host = host(D, rngs=rngs) if host is Wide else host()
+        self._adapter_groups = (("", (("host",),)),)
+
+    def __call__(self, x):
+        return self.host(x)
+
+
+@pytest.mark.parametrize("host", [Wide, Bare])
+@pytest.mark.parametrize("how", ["argument", "config", "module"])
+def test_in_features_the_host_does_not_show_is_restored_on_load(
+    host, how, randomize_adapters, tmp_path
+):
+    width = 2 * D if host is Wide else D  # Wide shows D, Bare shows nothing
+    net = HostNet(host, rngs=nnx.Rngs(0))
+    if how == "argument":
+        net.add_adapter("a", _cfg(), rngs=nnx.Rngs(1), in_features=width)
+    elif how == "config":
+        net.add_adapter("a", _cfg(in_features=width), rngs=nnx.Rngs(1))
+    else:
+        net.host.add_adapter("a", _cfg(), rngs=nnx.Rngs(1), in_features=width)
+    randomize_adapters(net)
+    jadapters.save_adapters(str(tmp_path), net)
+    fresh = HostNet(host, rngs=nnx.Rngs(0))
+    jadapters.load_adapters(str(tmp_path), fresh)
+    assert_trees_equal(nnx.state(fresh, AdapterParam), nnx.state(net, AdapterParam))
+    assert fresh.host.get_adapter_module("a").param_values()["up"]["kernel"].shape == (2, width)
+    x = _x()
+    np.testing.assert_array_equal(fresh(x), net(x))

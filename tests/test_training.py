@@ -4,6 +4,8 @@ The base is a randomly initialised transformer, taken as is and frozen; adapters
 block's MLP learn scikit-learn's bundled 8x8 digits (8 tokens of 8 pixels, 10 classes).
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -470,3 +472,137 @@ def test_nnx_step_reuses_its_split_and_follows_adapter_and_mode_changes(nnx_mode
     assert moved and all("/other/" not in m for m in moved), moved
     assert any("/task/" in m for m in moved)
     del before
+
+
+# ---- the NNX step and its optimizer: the state belongs to the adapters it was built for -----
+
+
+SMALL_CFG = LinearAdapterConfig(dim=4)
+
+
+@pytest.fixture(scope="module")
+def t_and_u():
+    """A one-layer transformer with adapter 't' enabled and 'u' disabled, and a step."""
+    model = NNXTransformer(8, rngs=nnx.Rngs(0), **MODEL)
+    jadapters.adapter_transform(model, {"mlp": r"blocks/\d+/mlp"})
+    model.add_adapter("mlp:t", SMALL_CFG, rngs=nnx.Rngs(1))
+    model.add_adapter("mlp:u", SMALL_CFG, rngs=nnx.Rngs(2))
+    model.set_enabled_adapters("u", enabled=False)
+    nnx.update(model, _noise_like(nnx.state(model, AdapterParam)))
+    return model, jadapters.nnx_train_step(_nnx_loss)
+
+
+def _adapter_arrays(model, name):
+    """``{path: array}`` of adapter ``name``'s weights at every host."""
+    flat = nnx.to_flat_state(nnx.state(model, AdapterParam))
+    return {tuple(path): np.array(v.get_value(), copy=True) for path, v in flat if name in path}
+
+
+def _moved(before, after):
+    return [p for p in before if not np.array_equal(before[p], after[p])]
+
+
+TRANSITIONS = {
+    "disable": (lambda m: m.set_enabled_adapters("t", enabled=False), "now []"),
+    "enable another": (lambda m: m.set_enabled_adapters("u"), "now ['t', 'u']"),
+    "swap": (
+        lambda m: (m.set_enabled_adapters("t", enabled=False), m.set_enabled_adapters("u")),
+        "now ['u']",
+    ),
+    "add": (lambda m: m.add_adapter("mlp:v", SMALL_CFG, rngs=nnx.Rngs(3)), "now ['t', 'v']"),
+    "remove": (lambda m: m.remove_adapter("t"), "now []"),
+    "add again, other shape": (
+        lambda m: (
+            m.remove_adapter("t"),
+            m.add_adapter("mlp:t", LinearAdapterConfig(dim=8), rngs=nnx.Rngs(3)),
+        ),
+        "which are enabled, but their weights changed shape or dtype",
+    ),
+}
+
+
+@pytest.mark.parametrize("transition", list(TRANSITIONS))
+def test_nnx_step_refuses_an_optimizer_built_for_other_adapters(t_and_u, data, transition):
+    change, now = TRANSITIONS[transition]
+    model, step = _fresh(t_and_u[0]), t_and_u[1]
+    batch = (data[0][:16], data[1][:16])
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    step(model, optimizer, batch)
+    change(model)
+    arrays = nnx.Not(nnx.RngKey)  # every array but the PRNG keys (not NumPy-comparable)
+    model_state, opt_state = _copy(nnx.state(model, arrays)), _copy(nnx.state(optimizer))
+    built = "the optimizer was built for adapters ['t']"
+    rebuild = "rebuild it with jadapters.adapter_optimizer(model, tx) for the adapters enabled now"
+    with pytest.raises(ValueError, match=re.escape(built) + ".*" + re.escape(now)) as error:
+        step(model, optimizer, batch)
+    assert rebuild in str(error.value)
+    assert_trees_equal(nnx.state(model, arrays), model_state)  # nothing ran, nothing changed
+    assert_trees_equal(nnx.state(optimizer), opt_state)
+
+
+def test_nnx_step_with_a_rebuilt_optimizer_trains_exactly_the_enabled_adapters(t_and_u, data):
+    model, step = _fresh(t_and_u[0]), t_and_u[1]
+    batch = (data[0][:16], data[1][:16])
+    step(model, jadapters.adapter_optimizer(model, NNX_TX), batch)
+    model.set_enabled_adapters("t", enabled=False)
+    model.set_enabled_adapters("u")
+    base = _copy(nnx.state(model, nnx.Param))
+    t, u = _adapter_arrays(model, "t"), _adapter_arrays(model, "u")
+    step(model, jadapters.adapter_optimizer(model, NNX_TX), batch)
+    assert _moved(t, _adapter_arrays(model, "t")) == []
+    assert len(_moved(u, _adapter_arrays(model, "u"))) == len(u) == 4
+    assert_trees_equal(nnx.state(model, nnx.Param), base)
+
+
+def test_nnx_step_keeps_an_optimizer_whose_adapters_are_enabled_again(t_and_u, data):
+    """Disable and enable again, add and disable, remove a disabled adapter: 't' alone is
+    enabled each time, so its optimizer still fits and the step trains 't' alone."""
+    model, step = _fresh(t_and_u[0]), t_and_u[1]
+    batch = (data[0][:16], data[1][:16])
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    base = _copy(nnx.state(model, nnx.Param))
+    step(model, optimizer, batch)
+    changes = [
+        lambda: (model.set_enabled_adapters("t", enabled=False), model.set_enabled_adapters("t")),
+        lambda: (
+            model.add_adapter("mlp:v", SMALL_CFG, rngs=nnx.Rngs(3)),
+            model.set_enabled_adapters("v", enabled=False),
+        ),
+        lambda: model.remove_adapter("u"),
+    ]
+    for change in changes:
+        change()
+        t, v = _adapter_arrays(model, "t"), _adapter_arrays(model, "v")
+        step(model, optimizer, batch)
+        assert len(_moved(t, _adapter_arrays(model, "t"))) == len(t) == 4
+        assert _moved(v, _adapter_arrays(model, "v")) == []
+    assert model.get_enabled_adapters() == ["t"]
+    assert int(optimizer.step[...]) == 4
+    assert_trees_equal(nnx.state(model, nnx.Param), base)
+
+
+def test_nnx_step_trains_an_adapter_removed_and_added_again(t_and_u, data):
+    """The same name, config and shapes, but new weights: the step must train the weights
+    the model holds now, not those of its cached split."""
+    model, step = _fresh(t_and_u[0]), t_and_u[1]
+    batch = (data[0][:16], data[1][:16])
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    step(model, optimizer, batch)
+    model.remove_adapter("t")
+    model.add_adapter("mlp:t", SMALL_CFG, rngs=nnx.Rngs(1))
+    added = _adapter_arrays(model, "t")
+    step(model, optimizer, batch)
+    assert len(_moved(added, _adapter_arrays(model, "t"))) == len(added) == 4
+
+
+def test_nnx_step_checks_an_optimizer_over_a_filter_of_the_users_own(t_and_u, data):
+    model, step = _fresh(t_and_u[0]), t_and_u[1]
+    batch = (data[0][:16], data[1][:16])
+    optimizer = nnx.Optimizer(model, NNX_TX, wrt=AdapterParam)  # 'u' too, which is disabled
+    expected = "selects 8 arrays, which are not the 4 weights of the enabled adapters ['t']"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        step(model, optimizer, batch)
+    model.set_enabled_adapters("u")  # now the filter selects exactly the enabled adapters
+    before = _adapter_arrays(model, "u")
+    step(model, optimizer, batch)
+    assert len(_moved(before, _adapter_arrays(model, "u"))) == 4

@@ -96,11 +96,11 @@ def x():
 
 @pytest.fixture(scope="module")
 def adapted_transformer():
-    """'a' goes to the default group (= 'attn', the first one), 'mlp:m' to the MLPs."""
+    """'attn:a' goes to the attention projections, 'mlp:m' to the MLPs."""
     model = _transformer()
     adapted = jadapters.adapter_transform(model, TARGETS)
     assert adapted is model  # NNX: in place
-    adapted.add_adapter("a", LinearAdapterConfig(dim=DIM), rngs=nnx.Rngs(1))
+    adapted.add_adapter("attn:a", LinearAdapterConfig(dim=DIM), rngs=nnx.Rngs(1))
     adapted.add_adapter("mlp:m", LinearAdapterConfig(dim=DIM), rngs=nnx.Rngs(2))
     return adapted
 
@@ -271,3 +271,43 @@ def test_a_new_adapter_joins_in_the_mode_of_the_others():
     model.train()
     model(jnp.ones((2, 3)))
     assert len(jax.tree.leaves(nnx.pop(model, jadapters.AdapterLoss))) == 3  # a, b and c
+
+
+# --- adapters added on a host itself ---------------------------------------------------------
+
+
+def test_host_level_adapter_is_listed_saved_loaded_and_trainable(adapted, x, tmp_path):
+    """``model.blocks[0].mlp.add_adapter(...)`` is an adapter of the model: named by its
+    host's path, listed, enabled, saved, loaded into a fresh model and trainable (training
+    itself: test_module_mixin.py)."""
+    adapted.blocks[0].mlp.add_adapter("h", LinearAdapterConfig(dim=DIM), rngs=nnx.Rngs(3))
+    adapted.add_adapter("blocks/1/mlp:k", LinearAdapterConfig(dim=DIM), rngs=nnx.Rngs(4))
+    assert adapted.get_enabled_adapters() == ["a", "m", "h", "k"]
+    specs = adapted.get_adapter_specs()
+    assert [specs.get(n).qualified_name for n in "hk"] == ["blocks/0/mlp:h", "blocks/1/mlp:k"]
+    assert ("blocks/1/mlp", "k") in _adapter_sites(adapted)
+    assert ("blocks/0/mlp", "k") not in _adapter_sites(adapted)
+    _randomize_adapters(adapted)
+    jadapters.save_adapters(str(tmp_path), adapted, name=["h", "blocks/1/mlp:k"])
+
+    fresh = jadapters.adapter_transform(_transformer(), TARGETS)
+    jadapters.load_adapters(str(tmp_path), fresh)
+    assert fresh.get_enabled_adapters() == ["h", "k"]
+    assert fresh.blocks[0].mlp.get_enabled_adapters() == ["h"]
+    for host, name in ((fresh.blocks[0].mlp, "h"), (fresh.blocks[1].mlp, "k")):
+        original = adapted.blocks[int(name == "k")].mlp
+        _assert_states_equal(adapter_params(host, name), adapter_params(original, name))
+    adapted.set_enabled_adapters("a", enabled=False)
+    adapted.set_enabled_adapters("m", enabled=False)
+    np.testing.assert_array_equal(fresh(x), adapted(x))
+
+    fresh.set_enabled_adapters("blocks/1/mlp:k", enabled=False)
+    assert fresh.get_enabled_adapters() == ["h"]
+    assert fresh.blocks[1].mlp.get_enabled_adapters() == []
+    # the trainable filter (adapter_optimizer's) covers exactly the enabled host-level one
+    selected = {
+        p for p, _ in nnx.to_flat_state(nnx.state(fresh, fresh.unfreeze_enabled_adapters()))
+    }
+    h_paths = _flat(nnx.state(fresh.blocks[0].mlp, AdapterParam))
+    assert len(h_paths) == 4
+    assert {"/".join(str(k) for k in p) for p in selected} == {f"blocks/0/mlp/{p}" for p in h_paths}

@@ -22,6 +22,7 @@ from jadapters._adapter_set import (
     AdapterSpec,
     check_accepted,
     check_insertion,
+    check_name,
     split_qualified_name,
 )
 from jadapters.kernels import kernel_layout
@@ -30,31 +31,79 @@ from jadapters.nnx.view import NNXView
 from jadapters.registry import build_adapter, config_of
 from jadapters.runtime import run_host, run_stage
 from jadapters.storage import NNX_ADAPTER_ATTR, AdapterParam
+from jadapters.targets import path_str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class AdapterFilter:
     """NNX filter selecting the :class:`AdapterParam` variables under given path prefixes.
 
     Returned by ``unfreeze_enabled_adapters``; use it wherever NNX takes a filter
     (``nnx.state``, ``nnx.split``, ``nnx.DiffState``, ``nnx.Optimizer(wrt=...)``).
+
+    Two filters are equal when they select the same adapters (in any order) and those
+    adapters' weights had the same shapes and dtypes when the filters were made, so an
+    optimizer's ``wrt`` tells whether its state still fits the enabled adapters.
+
+    >>> import jax, jadapters
+    >>> from flax import nnx
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs))
+    >>> model = jadapters.adapter_transform(model, "layers/[01]")
+    >>> model.add_adapter("a", jadapters.IA3Config(), rngs=nnx.Rngs(2))
+    >>> model.add_adapter("b", jadapters.IA3Config(), rngs=nnx.Rngs(3))
+    >>> model.set_enabled_adapters("a", enabled=False)
+    >>> only_b = model.unfreeze_enabled_adapters()
+    >>> only_b.names, [x.shape for x in jax.tree.leaves(nnx.state(model, only_b))]
+    (['b'], [(4,), (2,)])
+    >>> only_b == model.unfreeze_enabled_adapters()
+    True
     """
 
     prefixes: tuple[tuple[Any, ...], ...]
+    # (prefix, parameter path, shape, dtype) of every selected weight, when the filter was made
+    leaves: tuple[tuple[Any, ...], ...] = dataclasses.field(default=(), repr=False)
 
     def __call__(self, path: tuple[Any, ...], value: Any) -> bool:
         if not isinstance(value, AdapterParam):
             return False
         return any(tuple(path[: len(p)]) == p for p in self.prefixes)
 
+    @property
+    def names(self) -> list[str]:
+        """The names of the selected adapters."""
+        return list(dict.fromkeys(str(p[-1]) for p in self.prefixes))
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, AdapterFilter):
+            return NotImplemented
+        return set(self.prefixes) == set(other.prefixes) and set(self.leaves) == set(other.leaves)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.prefixes))
+
 
 def _enabled_filter(root: nnx.Module) -> AdapterFilter:
-    prefixes = []
+    prefixes, leaves = [], []
     for path, node in nnx.iter_graph(root):
         if isinstance(node, AdapterModuleMixin):
             for name in node.get_enabled_adapters():
-                prefixes.append((*path, NNX_ADAPTER_ATTR, name))
-    return AdapterFilter(tuple(prefixes))
+                prefix = (*path, NNX_ADAPTER_ATTR, name)
+                prefixes.append(prefix)
+                weights = node.adapter_layer[name].param_values()
+                for where, x in jax.tree_util.tree_flatten_with_path(weights)[0]:
+                    where = jax.tree_util.keystr(where)
+                    leaves.append((prefix, where, tuple(x.shape), str(x.dtype)))
+    return AdapterFilter(tuple(prefixes), tuple(leaves))
+
+
+# Changes whenever any module's adapters are added, removed, enabled or disabled: a cheap
+# token for caches of a model's graph (the NNX training step's split).
+_REVISION = [0]
+
+
+def _adapter_revision() -> int:
+    return _REVISION[0]
 
 
 def freeze_batchnorm(root: nnx.Module) -> int:
@@ -94,9 +143,11 @@ def _check_not_stacked(host: Any) -> None:
             continue
         if stacked:
             raise ValueError(
-                f"{type(host).__name__} holds layer-stacked weights (built with nnx.vmap, run "
-                "with nnx.scan); adapters on scanned layer stacks are not supported. Target "
-                "modules outside the stack."
+                f"{getattr(type(host), '_jadapters_host_of', type(host)).__name__} holds "
+                "layer-stacked weights (built with nnx.vmap, run with nnx.scan); adapters on "
+                "the layers of an nnx.vmap/nnx.scan stack are not supported. Target modules "
+                "outside the stack, or build the layers as a list of modules called in a "
+                "Python loop."
             )
 
 
@@ -197,6 +248,12 @@ class AdapterModuleMixin:
 
     def _set_adapter_set(self, value: AdapterSet) -> None:
         self._adapters_spec = value
+        _REVISION[0] += 1
+
+    def _adapter_revision(self) -> int:
+        """A number that changes whenever any adapter anywhere is added, removed, enabled or
+        disabled."""
+        return _adapter_revision()
 
     def add_adapter(
         self,
@@ -209,6 +266,10 @@ class AdapterModuleMixin:
         dtype: Any = jnp.float32,
     ) -> None:
         """Adds an adapter called ``name`` built from ``cfg`` (a config or an adapter module).
+
+        Inside a model with :class:`AdapterModelMixin`, the adapter is one of the model's too,
+        named ``"<this module's path>:name"`` there (saved, loaded, trained and listed with the
+        model's others), so ``name`` must be unique across the model.
 
         Args:
           name: unique name; ``"module:name"`` is accepted and the module part dropped.
@@ -304,6 +365,8 @@ class AdapterModuleMixin:
         return None if spec is None else spec.cfg
 
     def get_adapter_insertion(self, name: str) -> str | None:
+        """Where adapter ``name`` goes (``"output"``, ``"parallel"``, ``"input"`` or
+        ``"weight"``), or ``None`` if there is no such adapter."""
         spec = self._adapter_set().get(_bare(name))
         return None if spec is None else spec.insertion
 
@@ -384,13 +447,28 @@ class AdapterModelMixin:
     default, and maps each group to the :class:`AdapterModuleMixin` modules in it with
     :meth:`adapter_group_modules`. :func:`jadapters.adapter_transform` sets both up from target
     patterns; a hand-written model can override them.
+
+    >>> import jax.numpy as jnp, jadapters
+    >>> from flax import nnx
+    >>> rngs = nnx.Rngs(0)
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs))
+    >>> model = jadapters.adapter_transform(model, {"first": "layers/0", "last": "layers/1"})
+    >>> isinstance(model, AdapterModelMixin), model.adapter_module_names
+    (True, ['first', 'last'])
+    >>> model.add_adapter("first:a", jadapters.IA3Config(), rngs=nnx.Rngs(2))
+    >>> model.add_adapter("last:b", jadapters.LoRAConfig(rank=1), rngs=nnx.Rngs(3))
+    >>> model.adapter_group_modules("last") == [model.layers[1]]
+    True
+    >>> model.set_enabled_adapters("first:a", enabled=False)
+    >>> model.get_enabled_adapters(), model(jnp.ones((1, 3))).shape
+    (['b'], (1, 2))
     """
 
     __slots__ = ()
 
     @property
     def adapter_module_names(self) -> list[str]:
-        """The adapter module (group) names, the default ``''`` first."""
+        """The adapter module (group) names, the default ``''`` first (when declared)."""
         return [group for group, _ in getattr(self, "_adapter_groups", ())]
 
     def adapter_group_modules(self, group: str) -> list[AdapterModuleMixin]:
@@ -401,6 +479,75 @@ class AdapterModelMixin:
 
     def _model_adapter_set(self) -> AdapterSet:
         return getattr(self, "_model_adapters_spec", AdapterSet())
+
+    def _adapter_revision(self) -> int:
+        """A number that changes whenever any adapter anywhere is added, removed, enabled or
+        disabled."""
+        return _adapter_revision()
+
+    def _adapter_hosts(self) -> dict[str, AdapterModuleMixin]:
+        """``{path: module}`` of every adapter-capable module inside the model, in graph order."""
+        return {
+            path_str(path): node
+            for path, node in nnx.iter_graph(self)
+            if path and isinstance(node, AdapterModuleMixin)
+        }
+
+    def _group_modules(self, group: str) -> list[AdapterModuleMixin]:
+        """The hosts of adapter module ``group``, or the one module whose path ``group`` is."""
+        if group in self.adapter_module_names:
+            return self.adapter_group_modules(group)
+        host = self._adapter_hosts().get(group)
+        return [] if host is None else [host]
+
+    def _host_route(self, name: Any) -> tuple[str, str, AdapterModuleMixin] | None:
+        """``(path, name, module)`` when ``name`` is ``"path:name"`` for the path of an
+        adapter-capable module that is not an adapter module (group) of the model."""
+        if not isinstance(name, str):
+            return None
+        path, sep, bare = name.rpartition(":")
+        if not sep or path in self.adapter_module_names:
+            return None
+        host = self._adapter_hosts().get(path)
+        if host is None:
+            return None
+        check_name(bare)
+        return path, bare, host
+
+    def _host_level_specs(self, model_set: AdapterSet) -> list[AdapterSpec]:
+        """The adapters added on a module itself (``module.add_adapter``), each with the
+        module's path as its group."""
+        groups = self.adapter_module_names
+        group_hosts = {
+            group: {id(h) for h in self.adapter_group_modules(group)}
+            for group in dict.fromkeys(spec.group for spec in model_set)
+        }
+        model_hosts = {spec.name: group_hosts[spec.group] for spec in model_set}
+        out: list[AdapterSpec] = []
+        seen: dict[str, str] = {s.name: s.qualified_name for s in model_set}
+        for path, host in self._adapter_hosts().items():
+            for spec in host._adapter_set():
+                if id(host) in model_hosts.get(spec.name, ()):
+                    continue  # added through the model, to its whole group
+                qualified = f"{path}:{spec.name}"
+                if spec.name in seen:
+                    raise ValueError(
+                        f"adapter name {spec.name!r} is used twice in the model: by "
+                        f"{seen[spec.name]!r} and by {qualified!r} (added on that module "
+                        "itself); names must be unique across the model. Remove one with "
+                        f"remove_adapter({spec.name!r}) on the module at {path!r} and add it "
+                        "under another name."
+                    )
+                if path in groups and self.adapter_group_modules(path) != [host]:
+                    raise ValueError(
+                        f"adapter {spec.name!r} was added on the module at {path!r}, but "
+                        f"{path!r} also names an adapter module (group) of the model with "
+                        "other hosts, so the model cannot address it. Remove it from that "
+                        "module and add it through the model's add_adapter."
+                    )
+                seen[spec.name] = qualified
+                out.append(dataclasses.replace(spec, group=path))
+        return out
 
     def add_adapter(
         self,
@@ -415,15 +562,39 @@ class AdapterModelMixin:
         """Adds adapter ``"module:name"`` (or ``name`` for the default module) to every host
         of that module; arguments as :meth:`AdapterModuleMixin.add_adapter`.
 
+        ``module`` may also be the path of one adapter-capable module inside the model
+        (``"blocks/0/mlp:name"``): the adapter then goes on that module alone, exactly as
+        ``module.add_adapter(name, ...)`` on it would.
+
         Raises:
-          ValueError: for an unknown module (listing the valid ones), a name already used in
-            any module, and every error of :meth:`AdapterModuleMixin.add_adapter`.
+          ValueError: for an unknown module (listing the valid ones), a bare name on a model
+            whose targets declare no default module ``''``, a module without hosts, a name
+            already used in any module, and every error of
+            :meth:`AdapterModuleMixin.add_adapter`.
         """
+        routed = self._host_route(name)
+        if routed is not None:
+            path, bare, host = routed
+            cfg = config_of(cfg)
+            insertion = insertion or type(build_adapter(cfg)).default_insertion
+            self.get_adapter_specs().add(AdapterSpec(bare, path, cfg, insertion))  # unique
+            shell, host_set = host._prepare_adapter(
+                bare, cfg, rngs=rngs, insertion=insertion, in_features=in_features, dtype=dtype
+            )
+            host._attach_adapter(shell, host_set, mode=_adapter_mode(self))
+            return
         group, bare = split_qualified_name(name, self.adapter_module_names)
+        if not self.adapter_group_modules(group):
+            raise ValueError(
+                f"adapter module {group!r} of this model has no host modules, so adapter "
+                f"{bare!r} would be attached to nothing; make adapter_group_modules({group!r}) "
+                "return the modules it adapts, or pick another module."
+            )
         cfg = config_of(cfg)
         module_cls = type(build_adapter(cfg))
         insertion = insertion or module_cls.default_insertion
         spec = AdapterSpec(name=bare, group=group, cfg=cfg, insertion=insertion)
+        self.get_adapter_specs().add(spec)  # unique across the model, host-level ones included
         new_set = self._model_adapter_set().add(spec)
         # Build every host's adapter first, attach only when all succeeded: a failure leaves
         # the model as it was.
@@ -448,30 +619,36 @@ class AdapterModelMixin:
 
     def remove_adapter(self, name: str) -> None:
         """Removes adapter ``name`` (or ``"module:name"``) and its weights from every host."""
-        if ":" in name:
+        if ":" in name and self._host_route(name) is None:
             split_qualified_name(name, self.adapter_module_names)
-        spec = self._model_adapter_set()._require(name)
+        spec = self.get_adapter_specs()._require(name)
+        if self._model_adapter_set().get(spec.name) is None:  # added on its module itself
+            self._group_modules(spec.group)[0].remove_adapter(spec.name)
+            return
         for host in self.adapter_group_modules(spec.group):
             host.remove_adapter(spec.name)
-        self._model_adapters_spec = self._model_adapter_set().remove(name)
+        self._model_adapters_spec = self._model_adapter_set().remove(spec.name)
 
     def is_adapter_available(self) -> bool:
         """True when any adapter exists in any module, enabled or not."""
-        return len(self._model_adapter_set()) > 0
+        return len(self.get_adapter_specs()) > 0
 
     def set_enabled_adapters(self, name: str | None = None, enabled: bool = True) -> None:
         """Enables or disables one adapter (``name`` or ``"module:name"``) or all of them."""
-        if name is not None and ":" in name:
+        if name is not None and ":" in name and self._host_route(name) is None:
             split_qualified_name(name, self.adapter_module_names)
-        new_set = self._model_adapter_set().set_enabled(name, enabled)
-        for spec in new_set:
-            for host in self.adapter_group_modules(spec.group):
+        specs = self.get_adapter_specs().set_enabled(name, enabled)
+        model_names = set(self._model_adapter_set().names())
+        new_set = AdapterSet(tuple(s for s in specs if s.name in model_names))
+        for spec in specs:
+            for host in self._group_modules(spec.group):
                 host.set_enabled_adapters(spec.name, spec.enabled)
         self._model_adapters_spec = new_set
 
     def get_enabled_adapters(self) -> list[str]:
-        """Names of the enabled adapters across all modules, in the order they were added."""
-        return self._model_adapter_set().enabled_names()
+        """Names of the enabled adapters across all modules (those added on a module itself
+        included), in the order they were added."""
+        return self.get_adapter_specs().enabled_names()
 
     def adapter_view(self, variables: Any = None) -> NNXView:
         """The :class:`~jadapters.view.AdapterView` of this model (``variables`` must be
@@ -479,11 +656,23 @@ class AdapterModelMixin:
         return NNXView(self, variables)
 
     def get_adapter_specs(self) -> AdapterSet:
-        """Every adapter's name, group, config, insertion and enabled state."""
-        return self._model_adapter_set()
+        """Every adapter's name, group, config, insertion and enabled state.
+
+        Adapters added through the model come first, in the order they were added; then those
+        added on a module inside the model itself (``model.encoder.add_adapter(...)``), whose
+        group is that module's path (``"encoder"``, ``"blocks/0/mlp"``), so that the model's
+        API addresses them as ``"encoder:name"``.
+
+        Raises:
+          ValueError: if an adapter added on a module has the name of another adapter of the
+            model.
+        """
+        model_set = self._model_adapter_set()
+        return AdapterSet(model_set.specs + tuple(self._host_level_specs(model_set)))
 
     def get_adapter_cfg(self, name: str) -> Any:
-        spec = self._model_adapter_set().get(name)
+        """The config of adapter ``name`` (or ``"group:name"``); ``None`` if there is none."""
+        spec = self.get_adapter_specs().get(name)
         return None if spec is None else spec.cfg
 
     def get_adapter_modules(self, name: str) -> dict[tuple[Any, ...], NNXAdapter]:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
 from jadapters.kernels import kernel_layout
+from jadapters.registry import build_adapter
 from jadapters.storage import NNX_ADAPTER_ATTR, AdapterParam
 from jadapters.targets import path_str
 from jadapters.view import FROZEN, TRAINABLE, AdapterWeights
@@ -69,12 +70,18 @@ class NNXView:
         return self.model.get_adapter_specs()
 
     def groups(self) -> list[str]:
-        return self.model.adapter_module_names
+        """The model's adapter modules (groups), then the paths of the other adapter-capable
+        modules inside it: the group of an adapter added on such a module itself."""
+        groups = list(self.model.adapter_module_names)
+        return groups + [p for p in self.model._adapter_hosts() if p not in groups]
 
     def hosts(self, group: str) -> dict[str, Any]:
         """``{host path: host module}`` of ``group``, in the model's order."""
         paths = {id(node): path_str(path) for path, node in nnx.iter_graph(self.model)}
-        return {paths[id(h)]: h for h in self.model.adapter_group_modules(group)}
+        return {paths[id(h)]: h for h in self.model._group_modules(group)}
+
+    def in_group(self, group: str, path: str) -> bool:
+        return group in self.groups() and path in self.hosts(group)
 
     def _all_hosts(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -158,7 +165,11 @@ class NNXView:
                     self.model.remove_adapter(existing.name)
                 if not same:
                     self.model.add_adapter(
-                        spec.qualified_name, spec.cfg, rngs=rngs, insertion=spec.insertion
+                        spec.qualified_name,
+                        spec.cfg,
+                        rngs=rngs,
+                        insertion=spec.insertion,
+                        in_features=_saved_width(spec, item.hosts),
                     )
                 self._assign(spec, item.hosts, assigned)
                 self.model.set_enabled_adapters(spec.name, spec.enabled)
@@ -193,6 +204,29 @@ class NNXView:
                 var.set_value(values[key])
 
 
+def _saved_width(spec: AdapterSpec, hosts: Mapping[str, Any]) -> int | None:
+    """The adapter's input width as its saved weights show it (the axis its weight schema
+    calls ``"features"`` or ``"in"``), when every host agrees; else ``None``.
+
+    An adapter added with ``in_features=...`` (a width its host does not show) is rebuilt
+    with that width, which nothing but its weights records.
+    """
+    axes = build_adapter(spec.cfg).weight_axes
+    widths = set()
+    for params in hosts.values():
+        found = None
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+            names = axes.get("/".join(_key(k) for k in path), ())
+            for axis, name in enumerate(names):
+                if name in ("features", "in") and axis < len(x.shape):
+                    found = int(x.shape[axis])
+                    break
+            if found is not None:
+                break
+        widths.add(found)
+    return widths.pop() if len(widths) == 1 else None
+
+
 _HOST_ATTRS = ("_adapters_spec", NNX_ADAPTER_ATTR)
 _MODEL_ATTR = "_model_adapters_spec"
 
@@ -200,11 +234,10 @@ _MODEL_ATTR = "_model_adapters_spec"
 def _snapshot(model: Any):
     """The adapter bookkeeping of the model and every host, to restore on failure."""
     hosts = []
-    for group in model.adapter_module_names:
-        for host in model.adapter_group_modules(group):
-            attrs = {a: vars(host)[a] for a in _HOST_ATTRS if a in vars(host)}
-            layer = attrs.get(NNX_ADAPTER_ATTR)
-            hosts.append((host, attrs, None if layer is None else dict(layer)))
+    for host in model._adapter_hosts().values():
+        attrs = {a: vars(host)[a] for a in _HOST_ATTRS if a in vars(host)}
+        layer = attrs.get(NNX_ADAPTER_ATTR)
+        hosts.append((host, attrs, None if layer is None else dict(layer)))
     return vars(model).get(_MODEL_ATTR), hosts
 
 
