@@ -4,7 +4,7 @@ The minimum is the benchmark transformer (``LinenTransformer`` / ``NNXTransforme
 ``jadapters.demo.models``: ``mlp_dim = 4 * d_model``, 8 heads, 10 classes, random tokens of 64
 features) with the bottleneck adapter written *by hand* after every block's MLP, in plain Flax:
 no interception, no wrapper, ``y + up(swish(down(LayerNorm(y))))`` with no biases, LayerNorm
-epsilon 1e-6, in the input's dtype, exactly jadapters' ``LinearAdapter`` (``norm_position=
+epsilon 1e-5, in the input's dtype, exactly jadapters' ``LinearAdapter`` (``norm_position=
 'pre'``, residual add). The inline Linen model takes the adapter weights as an argument; the
 inline NNX model keeps them in their own variable type (:class:`InlineAdapterWeight`). Both
 load the *same* weights as the jadapters model (base and randomized, non-identity adapters),
@@ -92,7 +92,7 @@ from jadapters.demo.models import LinenTransformer, NNXTransformer
 HEADS = 8
 LINEN_MLP = r"blocks_\d+/mlp"
 NNX_MLP = r"blocks/\d+/mlp"
-LN_EPSILON = 1e-6  # flax's LayerNorm default, as in jadapters' LinearAdapter
+LN_EPSILON = 1e-5  # the adapter's norm: LinearAdapter's norm_epsilon default (NeMo's)
 RTOL = ATOL = 1e-5
 WEIGHT_SCALE = 0.1  # randomized adapter weights: large enough to move the output clearly
 PARTS = ("main", "disabled", "economy")

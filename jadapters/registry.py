@@ -24,6 +24,14 @@ def _check_frozen_dataclass(cls: type, argument: str) -> None:
         )
 
 
+def _check_name(name: Any) -> None:
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(
+            f"name must be a non-empty string (the 'type' written to files) or None for the "
+            f"class's name, got {name!r}."
+        )
+
+
 def module_fields(module_cls: type) -> list[str]:
     """A Linen module class's configuration fields (``parent``, ``name``, ``_`` left out)."""
     return [f.name for f in dataclasses.fields(module_cls) if f.name not in ("parent", "name", "_")]
@@ -38,10 +46,34 @@ def register_adapter(config_cls: type, module_cls: type, *, name: str | None = N
       name: the ``"type"`` written to files; defaults to the module class's name.
 
     Raises:
-      ValueError: if ``config_cls`` is not a frozen dataclass, its fields differ from the
-        module's, or ``name`` is taken by another type.
+      ValueError: if ``config_cls`` is not a frozen dataclass, ``module_cls`` not a dataclass
+        (a Linen module), their fields differ, or ``name`` is not a string or is taken by
+        another type.
+
+    >>> import dataclasses, flax.linen as nn, jadapters
+    >>> class Scale(nn.Module):
+    ...     scale: float = 1.0
+    ...     @nn.compact
+    ...     def __call__(self, x, *, deterministic=True):
+    ...         return self.scale * x * self.param("w", nn.initializers.zeros, (x.shape[-1],))
+    >>> @dataclasses.dataclass(frozen=True, kw_only=True)
+    ... class ScaleConfig(jadapters.AdapterConfig):
+    ...     factor: float = 1.0
+    >>> register_adapter(ScaleConfig, Scale)  # the config must mirror the module's fields
+    Traceback (most recent call last):
+    ValueError: config_cls ScaleConfig fields ['factor'] must equal module_cls Scale fields
+    ['scale'], in order.
+    >>> register_adapter(jadapters.LoRAConfig, jadapters.LoRA, name="IA3")
+    Traceback (most recent call last):
+    ValueError: name 'IA3' is already registered for IA3.
+    >>> register_adapter(jadapters.LoRAConfig, jadapters.LoRA)  # the same pair again: a no-op
+    >>> jadapters.config_from_dict({"type": "LoRA", "rank": 2}) == jadapters.LoRAConfig(rank=2)
+    True
     """
     _check_frozen_dataclass(config_cls, "config_cls")
+    if not isinstance(module_cls, type) or not dataclasses.is_dataclass(module_cls):
+        raise ValueError(f"module_cls must be a Flax Linen module class, got {module_cls!r}.")
+    _check_name(name)
     config_fields = [f.name for f in dataclasses.fields(config_cls)]
     if config_fields != module_fields(module_cls):
         raise ValueError(
@@ -59,9 +91,23 @@ def register_strategy(cls: type, *, name: str | None = None) -> None:
     """Registers a strategy type (a frozen dataclass) so that configs can name it.
 
     Raises:
-      ValueError: if ``cls`` is not a frozen dataclass or ``name`` is taken by another type.
+      ValueError: if ``cls`` is not a frozen dataclass or ``name`` is not a string or is
+        taken by another type.
+
+    >>> import dataclasses, jadapters
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class HalfAddDocExample:
+    ...     def __call__(self, x, adapter_output, *, key=None, training=False):
+    ...         return x + 0.5 * adapter_output
+    >>> register_strategy(HalfAddDocExample)
+    >>> cfg = jadapters.LinearAdapterConfig(dim=2, adapter_strategy=HalfAddDocExample())
+    >>> jadapters.config_to_dict(cfg)["adapter_strategy"]
+    {'type': 'HalfAddDocExample'}
+    >>> jadapters.config_from_json(jadapters.config_to_json(cfg)) == cfg
+    True
     """
     _check_frozen_dataclass(cls, "cls")
+    _check_name(name)
     key = name or cls.__name__
     existing = _STRATEGIES.get(key)
     if existing is not None and existing is not cls:

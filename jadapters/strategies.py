@@ -11,11 +11,13 @@ round-trip through JSON (see :mod:`jadapters.config`). Their math lives in the p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
+import jadapters._checks as _checks
 from jadapters.registry import register_strategy
 
 __all__ = [
@@ -35,6 +37,10 @@ class StrategyOutput(NamedTuple):
     Attributes:
       output: the value that continues down the stream (same shape as the input).
       aux_loss: a scalar to add to the training loss, or ``None``.
+
+    >>> import jax.numpy as jnp
+    >>> ResidualAddStrategy()(jnp.ones(2), jnp.full(2, 0.5), key=None, training=False)
+    StrategyOutput(output=Array([1.5, 1.5], dtype=float32), aux_loss=None)
     """
 
     output: jax.Array
@@ -49,6 +55,16 @@ class AdapterStrategy(Protocol):
     Set a ``requires_key`` attribute to ``True`` when it needs a key in training; callers then
     draw one from the ``"dropout"`` PRNG stream and pass it in. Strategies stored on a model
     must be hashable (a frozen dataclass is the easy way).
+
+    >>> import dataclasses, jax.numpy as jnp
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class HalfAdd:  # adds half the adapter's output, with an L2 penalty on it
+    ...     def __call__(self, x, adapter_output, *, key=None, training=False):
+    ...         return StrategyOutput(x + 0.5 * adapter_output, jnp.sum(adapter_output**2))
+    >>> isinstance(HalfAdd(), AdapterStrategy), isinstance(ResidualAddStrategy(), AdapterStrategy)
+    (True, True)
+    >>> HalfAdd()(jnp.ones(2), jnp.ones(2), key=None, training=True)
+    StrategyOutput(output=Array([1.5, 1.5], dtype=float32), aux_loss=Array(2., dtype=float32))
     """
 
     def __call__(
@@ -90,13 +106,6 @@ def linear_factor(strategy: Any) -> float:
             "ScaledAddStrategy) merge."
         )
     return float(factor)
-
-
-def _check_unit_interval(name: str, value: float, *, closed: bool = True) -> None:
-    ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
-    if not ok:
-        interval = "[0, 1]" if closed else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}.")
 
 
 def residual_add(
@@ -191,6 +200,13 @@ class ReturnResultStrategy:
         return StrategyOutput(adapter_output, None)
 
 
+_RESIDUAL_ADD_CHECKS: dict[str, _checks.Check] = {
+    "stochastic_depth": functools.partial(_checks.check_number, low=0.0, high=1.0),
+    "l2_lambda": functools.partial(_checks.check_number, low=0.0),
+    "per_example": _checks.check_bool,
+}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ResidualAddStrategy:
     """Residual addition with stochastic depth and an l2 auxiliary loss.
@@ -204,7 +220,8 @@ class ResidualAddStrategy:
       per_example: draw the stochastic-depth coin per example instead of per batch.
 
     Raises:
-      ValueError: if ``stochastic_depth`` is outside ``[0, 1]`` or ``l2_lambda`` is negative.
+      ValueError: if ``stochastic_depth`` is not a number in ``[0, 1]``, ``l2_lambda`` not a
+        finite number ``>= 0`` or ``per_example`` not a bool.
 
     >>> import jax, jax.numpy as jnp
     >>> strategy = ResidualAddStrategy(stochastic_depth=1.0)
@@ -221,9 +238,7 @@ class ResidualAddStrategy:
     per_example: bool = False
 
     def __post_init__(self):
-        _check_unit_interval("stochastic_depth", self.stochastic_depth)
-        if not self.l2_lambda >= 0.0:
-            raise ValueError(f"l2_lambda must be >= 0, got {self.l2_lambda!r}.")
+        _checks.apply_checks(self, _RESIDUAL_ADD_CHECKS)
 
     @property
     def requires_key(self) -> bool:
@@ -248,6 +263,9 @@ class ResidualAddStrategy:
 class ScaledAddStrategy:
     """``x + scale * adapter_output``: residual addition with a fixed scale.
 
+    Raises:
+      ValueError: if ``scale`` is not a finite number.
+
     >>> import jax.numpy as jnp
     >>> ScaledAddStrategy(scale=2.0)(jnp.ones(2), jnp.ones(2), key=None, training=False).output
     Array([3., 3.], dtype=float32)
@@ -255,6 +273,9 @@ class ScaledAddStrategy:
 
     scale: float = 1.0
     requires_key = False
+
+    def __post_init__(self):
+        _checks.apply_checks(self, {"scale": _checks.check_number})
 
     @property
     def eval_factor(self) -> float:

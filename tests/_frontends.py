@@ -26,6 +26,7 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,8 @@ TRANSFORMER = dict(num_classes=10, d_model=16, num_layers=2, num_heads=2, mlp_di
 
 
 def assert_trees_equal(a: Any, b: Any) -> None:
-    """Same structure and bitwise-equal leaves."""
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    """Same structure and exactly equal leaves (``chex.assert_trees_all_equal``)."""
+    chex.assert_trees_all_equal(a, b)
 
 
 def merge_noise(tree: Any, seed: int = 1) -> Any:
@@ -68,12 +67,13 @@ def f64(tree: Any) -> Any:
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def np_adapter(params: Any, z: Any) -> np.ndarray:
-    """The LinearAdapter's raw output (norm 'pre', swish): LN(z) @ down -> swish -> @ up."""
+def np_adapter(params: Any, z: Any, eps: float = 1e-5) -> np.ndarray:
+    """The LinearAdapter's raw output (norm 'pre', swish): LN(z) @ down -> swish -> @ up, with
+    the LayerNorm's epsilon ``eps`` (the adapter's ``norm_epsilon``, ``1e-5`` by default)."""
     p, z = f64(params), np.asarray(z, np.float64)
     mean = z.mean(-1, keepdims=True)
     var = ((z - mean) ** 2).mean(-1, keepdims=True)
-    h = (z - mean) / np.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
+    h = (z - mean) / np.sqrt(var + eps) * p["norm"]["scale"] + p["norm"]["bias"]
     h = h @ p["down"]["kernel"]
     h = h / (1.0 + np.exp(-h))
     return h @ p["up"]["kernel"]
@@ -437,13 +437,23 @@ class LinenAdapted(Adapted):
     def set_params_at(self, host, name, params):
         self.set_adapters(set_at(self.adapters(), f"{host}/{name}", params))
 
+    def _site(self, keys) -> bool:
+        """Whether ``keys`` (host path + name) in the ``"adapters"`` collection is an adapter's
+        weights: its last key names an adapter, and no module with parameters sits there
+        (an adapter may be named like a module on its host's path)."""
+        if keys[-1] not in self.model.adapters.names():
+            return False
+        node = self.variables["params"]
+        for key in keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return not isinstance(node, Mapping)
+
     def sites(self):
-        names = set(self.model.adapters.names())
         found = set()
 
         def walk(node, prefix):
             for key, value in node.items():
-                if key in names:
+                if self._site((*prefix, key)):
                     found.add(("/".join(prefix), key))
                 elif isinstance(value, Mapping):
                     walk(value, (*prefix, key))
@@ -452,12 +462,12 @@ class LinenAdapted(Adapted):
         return found
 
     def owners(self):
-        names = set(self.model.adapters.names())
         out = {}
         for path in flat(self.variables):
             parts = path.split("/")
-            owner = next((p for p in parts[1:] if p in names), None)
-            out[path] = owner if parts[0] == ADAPTER_COLLECTION else None
+            ends = range(2, len(parts)) if parts[0] == ADAPTER_COLLECTION else ()
+            owner = next((parts[i - 1] for i in ends if self._site(parts[1:i])), None)
+            out[path] = owner
         return out
 
     def base_params(self):

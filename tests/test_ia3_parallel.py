@@ -6,11 +6,14 @@ adapter's formula with a fixed or learned scale) are in ``test_frontends.py``; h
 modules themselves, IA3 on a real attention's keys and values, and the learned scale's
 gradient."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _frontends import noise_like
+from absl.testing import parameterized
 
 import jadapters
 from jadapters import IA3, IA3Config, ParallelAdapter, ParallelAdapterConfig
@@ -89,7 +92,10 @@ def test_ia3_on_attention_key_value_equals_rescaled_kernels(key):
     "kwargs, match",
     [
         ({"in_features": 0}, r"in_features must be a positive int or None"),
+        ({"in_features": 2.0}, r"in_features must be a positive int or None .*got 2.0"),
+        ({"in_features": "4"}, r"in_features must be a positive int or None .*got '4'"),
         ({"param_dtype": "int32"}, r"param_dtype must name a floating dtype"),
+        ({"param_dtype": 32}, r"param_dtype must name a floating dtype.*got 32"),
         ({"adapter_strategy": "add"}, r"adapter_strategy must be a strategy"),
     ],
 )
@@ -97,6 +103,19 @@ def test_ia3_on_attention_key_value_equals_rescaled_kernels(key):
 def test_ia3_invalid_arguments_raise(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        (jnp.ones((B, K + 1)), rf"IA3 was built with in_features={K} but got an input with last"),
+        (jnp.ones((B, K), jnp.int32), "IA3 needs a floating y, got dtype int32"),
+        (jnp.ones((), jnp.float32), r"IA3 needs y of rank >= 1"),
+    ],
+)
+def test_ia3_bad_input_raises_at_trace_time(y, match, key):
+    with pytest.raises(ValueError, match=match):
+        jax.jit(IA3(in_features=K).init)(key, y)
 
 
 # --- parallel adapter --------------------------------------------------------------------------
@@ -148,11 +167,68 @@ def test_parallel_adapter_module_directly(key, randomize):
     [
         ({"dim": 0}, r"dim must be a positive int, got 0"),
         ({"dim": 2, "scale": "big"}, r"scale must be a number, got 'big'"),
+        ({"dim": 2, "scale": None}, r"scale must be a number, got None"),
+        ({"dim": 2, "scale": float("nan")}, r"scale must be a finite number, got nan"),
+        ({"dim": 2, "scale": float("inf")}, r"scale must be a finite number, got inf"),
+        ({"dim": 2, "scale": 1j}, r"scale must be a number, got 1j \(complex\)"),
         ({"dim": 2, "learn_scale": 1}, r"learn_scale must be a bool, got 1"),
-        ({"dim": 2, "dropout": -0.1}, r"dropout must be a float in \[0, 1\)"),
+        ({"dim": 2, "learn_scale": None}, r"learn_scale must be a bool, got None"),
+        ({"dim": 2, "activation": "tanh"}, r"activation must be one of .*got 'tanh'"),
+        ({"dim": 2, "dropout": -0.1}, r"dropout must be in \[0, 1\), got -0.1"),
+        ({"dim": 2, "dropout": float("inf")}, r"dropout must be a finite number in \[0, 1\)"),
     ],
 )
 @pytest.mark.parametrize("cls", [ParallelAdapterConfig, ParallelAdapter])
 def test_parallel_invalid_arguments_raise(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+def test_parallel_numpy_scalars_become_python_values():
+    cfg = ParallelAdapterConfig(dim=np.int64(2), scale=np.float32(4.0), learn_scale=np.bool_(True))
+    assert cfg == ParallelAdapterConfig(dim=2, scale=4.0, learn_scale=True)
+    assert (type(cfg.dim), type(cfg.scale), type(cfg.learn_scale)) == (int, float, bool)
+
+
+def test_parallel_bad_input_raises_at_trace_time(key):
+    adapter = ParallelAdapter(DIM)
+    with pytest.raises(ValueError, match="ParallelAdapter needs a floating x, got dtype int32"):
+        adapter.init(key, jnp.ones((B, D_IN), jnp.int32), out_features=D_OUT)
+    with pytest.raises(ValueError, match="out_features must be a positive int, got -1"):
+        adapter.init(key, jnp.ones((B, D_IN)), out_features=-1)
+
+
+# --- the modules, eagerly and under jit ----------------------------------------------------------
+
+
+class IA3AndParallelBattery(chex.TestCase):
+    """Identity at init and the explicit formula, eagerly and under ``jit`` (chex.variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_ia3_identity_at_init_then_formula(self):
+        ia3 = IA3()
+        y = _x((B, T, K))
+        variables = ia3.init(jax.random.key(0), y)
+        forward = self.variant(lambda v, y: jadapters.apply_adapter(ia3, v, y).output)
+        chex.assert_trees_all_equal(forward(variables, y), y)
+        scale = _random_ia3_scale((K,))
+        expected = _f64(y) * _f64(scale)
+        chex.assert_trees_all_close(
+            forward({"params": {"scale": scale}}, y), expected, rtol=1e-6, atol=1e-6
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("fixed_scale", False), ("learned_scale", True))
+    def test_parallel_identity_at_init_then_formula(self, learn_scale):
+        adapter = ParallelAdapter(DIM, activation="relu", scale=0.5, learn_scale=learn_scale)
+        x, stream = _x((B, D_IN)), _x((B, D_OUT), seed=1)
+        variables = adapter.init(jax.random.key(0), x, out_features=D_OUT)
+        forward = self.variant(
+            lambda v, x, s: jadapters.apply_adapter(adapter, v, x, stream=s).output
+        )
+        chex.assert_trees_all_equal(forward(variables, x, stream), stream)
+        variables = noise_like(variables, seed=2)
+        params = variables["params"]
+        scale = float(params["scale"]) if learn_scale else 0.5
+        expected = _f64(stream) + _np_parallel(params, x, scale)
+        chex.assert_trees_all_close(forward(variables, x, stream), expected, rtol=1e-5, atol=1e-5)

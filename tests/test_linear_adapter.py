@@ -2,11 +2,14 @@
 
 import math
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _frontends import noise_like
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,21 +47,22 @@ NP_ACTIVATIONS = {
 }
 
 
-def np_layer_norm(h, scale, bias, eps=1e-6):
+def np_layer_norm(h, scale, bias, eps=1e-5):
+    """PyTorch's ``nn.LayerNorm`` (NeMo's adapter norm): biased variance, ``eps`` inside."""
     mean = h.mean(axis=-1, keepdims=True)
     var = ((h - mean) ** 2).mean(axis=-1, keepdims=True)
     return (h - mean) / np.sqrt(var + eps) * scale + bias
 
 
-def np_linear_adapter(params, x, activation, norm_position):
+def np_linear_adapter(params, x, activation, norm_position, eps=1e-5):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
     act = NP_ACTIVATIONS[activation]
     if norm_position == "pre":
-        h = np_layer_norm(x, p["norm"]["scale"], p["norm"]["bias"])
+        h = np_layer_norm(x, p["norm"]["scale"], p["norm"]["bias"], eps)
         return act(h @ p["down"]["kernel"]) @ p["up"]["kernel"]
     h = act(x @ p["down"]["kernel"]) @ p["up"]["kernel"]
-    return np_layer_norm(h, p["norm"]["scale"], p["norm"]["bias"])
+    return np_layer_norm(h, p["norm"]["scale"], p["norm"]["bias"], eps)
 
 
 def test_activation_names_are_the_documented_seven():
@@ -90,7 +94,7 @@ def test_param_shapes_and_init(norm_position, key):
         "down": {"kernel": (D, DIM)},
         "up": {"kernel": (DIM, D)},
     }
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    chex.assert_type(jax.tree.leaves(params), jnp.float32)
     assert np.any(params["down"]["kernel"] != 0)
     if norm_position == "pre":
         # LayerNorm starts as the plain normalization; the up-projection starts at zero.
@@ -216,17 +220,37 @@ def test_no_dropout_in_training_needs_no_key(key, randomize):
 
 # --- construction errors --------------------------------------------------------------------
 
+NAN, INF = float("nan"), float("inf")
 BAD_ARGUMENTS = [
-    (dict(dim=0), "dim must be a positive int"),
+    (dict(dim=0), "dim must be a positive int, got 0"),
     (dict(dim=-3), "dim must be a positive int"),
-    (dict(dim=2.5), "dim must be a positive int"),
-    (dict(dim=True), "dim must be a positive int"),
-    (dict(dim=4, in_features=0), "in_features must be a positive int"),
+    (dict(dim=2.5), r"dim must be a positive int, got 2.5 \(float\); pass a Python int"),
+    (dict(dim=True), r"dim must be a positive int, got True \(bool\)"),
+    (dict(dim="4"), r"dim must be a positive int, got '4' \(str\)"),
+    (dict(dim=None), r"dim must be a positive int, got None"),
+    (dict(dim=[4]), r"dim must be a positive int, got \[4\] \(list\)"),
+    (dict(dim=np.float64(4.0)), r"dim must be a positive int, got np.float64\(4.0\)"),
+    (dict(dim=2**64), r"dim must be at most 2\*\*63 - 1"),
+    (dict(dim=4, in_features=0), "in_features must be a positive int or None"),
+    (dict(dim=4, in_features=True), "in_features must be a positive int or None"),
     (dict(dim=4, activation="tanhh"), "activation must be one of"),
+    (dict(dim=4, activation=["relu"]), r"activation must be one of .*, got \['relu'\]"),
+    (dict(dim=4, activation=None), "activation must be one of .*, got None"),
     (dict(dim=4, norm_position="middle"), "norm_position must be one of"),
-    (dict(dim=4, dropout=1.0), r"dropout must be a float in \[0, 1\)"),
-    (dict(dim=4, dropout=-0.1), r"dropout must be a float in \[0, 1\)"),
+    (dict(dim=4, norm_position=0), "norm_position must be one of .*, got 0"),
+    (dict(dim=4, norm_epsilon=0.0), r"norm_epsilon must be > 0, got 0.0"),
+    (dict(dim=4, norm_epsilon=-1e-5), r"norm_epsilon must be > 0, got -1e-05"),
+    (dict(dim=4, norm_epsilon=NAN), r"norm_epsilon must be a finite number > 0, got nan"),
+    (dict(dim=4, norm_epsilon=INF), r"norm_epsilon must be a finite number > 0, got inf"),
+    (dict(dim=4, norm_epsilon=None), r"norm_epsilon must be a number > 0, got None"),
+    (dict(dim=4, norm_epsilon="1e-5"), r"norm_epsilon must be a number > 0, got '1e-5' \(str\)"),
+    (dict(dim=4, dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (dict(dim=4, dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
+    (dict(dim=4, dropout=NAN), r"dropout must be a finite number in \[0, 1\), got nan"),
+    (dict(dim=4, dropout=True), r"dropout must be a number in \[0, 1\), got True \(bool\)"),
+    (dict(dim=4, dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
     (dict(dim=4, adapter_strategy=3), "adapter_strategy must be a strategy"),
+    (dict(dim=4, adapter_strategy=None), "adapter_strategy must be a strategy .*, got None"),
 ]
 
 
@@ -250,24 +274,134 @@ def test_unhashable_strategy_raises(factory):
         factory(dim=4, adapter_strategy=_UnhashableStrategy())
 
 
+@pytest.mark.parametrize("factory", [LinearAdapter, LinearAdapterConfig], ids=["module", "config"])
+def test_numpy_and_jax_scalars_become_python_numbers(factory):
+    got = factory(
+        dim=np.int64(4),
+        in_features=jnp.asarray(8),
+        norm_epsilon=np.float32(0.25),
+        dropout=jnp.asarray(0.5, jnp.bfloat16),
+    )
+    expected = factory(dim=4, in_features=8, norm_epsilon=0.25, dropout=0.5)
+    assert jadapters.config_of(got) == jadapters.config_of(expected)
+    for name, kind in [("dim", int), ("in_features", int), ("norm_epsilon", float)]:
+        assert type(getattr(got, name)) is kind, name
+    assert type(got.dropout) is float
+    assert jadapters.config_to_json(got) == jadapters.config_to_json(expected)
+
+
+def test_ints_for_floats_become_floats():
+    cfg = LinearAdapterConfig(dim=4, norm_epsilon=1)
+    assert type(cfg.norm_epsilon) is float and cfg.norm_epsilon == 1.0
+
+
+def test_traced_value_raises():
+    @jax.jit
+    def build(rate):
+        LinearAdapterConfig(dim=4, dropout=rate)
+        return rate
+
+    with pytest.raises(ValueError, match="dropout must be a concrete value, got a traced array"):
+        build(0.1)
+
+
+# --- the LayerNorm's epsilon ------------------------------------------------------------------
+
+
+def test_norm_epsilon_defaults_to_nemo():
+    assert LinearAdapterConfig(dim=4).norm_epsilon == 1e-5
+    assert LinearAdapter(4).norm_epsilon == 1e-5
+
+
+@pytest.mark.parametrize("norm_position", NORM_POSITIONS)
+def test_norm_epsilon_enters_the_formula(norm_position, key, randomize):
+    """The default (1e-5) and a custom epsilon each give the float64 formula with that epsilon
+    and not with the other one (the input is small enough for the epsilon to matter)."""
+    x = 3e-3 * _x(seed=5)
+    variables = randomize(LinearAdapter(DIM, norm_position=norm_position).init(key, x), seed=1)
+    formula = {
+        eps: np_linear_adapter(_params(variables), x, "swish", norm_position, eps)
+        for eps in (1e-5, 1e-4)
+    }
+    for kwargs, eps, other in [({}, 1e-5, 1e-4), ({"norm_epsilon": 1e-4}, 1e-4, 1e-5)]:
+        got = np.asarray(
+            LinearAdapter(DIM, norm_position=norm_position, **kwargs).apply(variables, x)
+        )
+        np.testing.assert_allclose(got, formula[eps], rtol=1e-3, atol=1e-6)
+        assert not np.allclose(got, formula[other], rtol=1e-3, atol=1e-6)
+
+
+def test_norm_epsilon_matters_on_low_variance_input(key, randomize):
+    """On an input of variance ~1e-6, NeMo's 1e-5 and Flax's 1e-6 give clearly different
+    outputs; each equals the float64 formula with its own epsilon."""
+    x = 1e-3 * _x(seed=5)
+    variables = randomize(LinearAdapter(DIM).init(key, x), seed=1)
+    params = _params(variables)
+    outputs = {}
+    for eps in (1e-5, 1e-6):
+        outputs[eps] = np.asarray(LinearAdapter(DIM, norm_epsilon=eps).apply(variables, x))
+        expected = np_linear_adapter(params, x, "swish", "pre", eps)
+        np.testing.assert_allclose(outputs[eps], expected, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        LinearAdapter(DIM).apply(variables, x), outputs[1e-5], rtol=0, atol=0
+    )
+    assert np.abs(outputs[1e-5] - outputs[1e-6]).max() > 0.05
+
+
+# --- input checks at trace time -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_integer_input_raises(use_jit, key):
+    adapter = LinearAdapter(DIM)
+    init = jax.jit(adapter.init) if use_jit else adapter.init
+    with pytest.raises(ValueError, match="LinearAdapter needs a floating x, got dtype int32"):
+        init(key, jnp.ones((2, D), jnp.int32))
+
+
+def test_scalar_input_raises(key):
+    with pytest.raises(ValueError, match=r"LinearAdapter needs x of rank >= 1 .*got shape \(\)"):
+        LinearAdapter(DIM).init(key, jnp.ones((), jnp.float32))
+
+
+def test_in_features_mismatch_raises_under_jit(key):
+    variables = LinearAdapter(DIM).init(key, _x())
+    adapter = LinearAdapter(DIM, in_features=D + 1)
+    with pytest.raises(ValueError, match=rf"set in_features={D} or None"):
+        jax.jit(adapter.apply)(variables, _x())
+
+
 # --- jit, dtypes and tracing ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_jit", [True, False])
-def test_jit_matches_eager_and_formula(use_jit, key, randomize):
-    adapter = LinearAdapter(DIM, activation="gelu")
-    x = _x()
-    variables = randomize(adapter.init(key, x), seed=2)
+class LinearAdapterBattery(chex.TestCase):
+    """Identity at init and the explicit formula, eagerly and under ``jit`` (chex.variants)."""
 
-    def forward(variables, x):
-        return apply_adapter(adapter, variables, x).output
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("pre", "pre"), ("post", "post"))
+    def test_identity_at_init(self, norm_position):
+        adapter = LinearAdapter(DIM, norm_position=norm_position)
+        x = _x()
+        variables = adapter.init(jax.random.key(0), x)
+        forward = self.variant(lambda variables, x: apply_adapter(adapter, variables, x).output)
+        chex.assert_trees_all_equal(forward(variables, x), x)
 
-    fn = jax.jit(forward) if use_jit else forward
-    out = fn(variables, x)
-    expected = np.asarray(x) + np_linear_adapter(_params(variables), x, "gelu", "pre")
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-    other = forward if use_jit else jax.jit(forward)
-    np.testing.assert_allclose(out, other(variables, x), rtol=1e-5, atol=1e-6)
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("gelu_pre", "gelu", "pre", {}), ("relu_post_eps", "relu", "post", {"norm_epsilon": 1e-3})
+    )
+    def test_matches_explicit_formula(self, activation, norm_position, eps_kwargs):
+        adapter = LinearAdapter(
+            DIM, activation=activation, norm_position=norm_position, **eps_kwargs
+        )
+        x = _x()
+        variables = noise_like(adapter.init(jax.random.key(0), x), seed=2)
+        forward = self.variant(lambda variables, x: apply_adapter(adapter, variables, x).output)
+        eps = eps_kwargs.get("norm_epsilon", 1e-5)
+        expected = np.asarray(x) + np_linear_adapter(
+            _params(variables), x, activation, norm_position, eps
+        )
+        chex.assert_trees_all_close(forward(variables, x), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm_position", NORM_POSITIONS)
@@ -276,7 +410,7 @@ def test_dtype_is_preserved_and_identity_holds(dtype, norm_position, key, random
     adapter = LinearAdapter(DIM, norm_position=norm_position)
     x = _x(dtype)
     variables = adapter.init(key, x)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    chex.assert_type(jax.tree.leaves(variables), jnp.float32)
     raw = adapter.apply(variables, x)
     assert raw.dtype == dtype
     result = apply_adapter(adapter, variables, x).output

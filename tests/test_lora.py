@@ -12,12 +12,15 @@ each front-end's own training switch for dropout.
 
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _frontends import noise_like
+from absl.testing import parameterized
 from flax import nnx
 
 import jadapters
@@ -189,15 +192,69 @@ def test_nnx_dropout_follows_train_and_eval(randomize):
     [
         ({"rank": 0}, r"rank must be a positive int, got 0"),
         ({"rank": 2, "a_init": "xavier"}, r"a_init must be one of .*'xavier'"),
-        ({"rank": 2, "dropout": 1.0}, r"dropout must be a float in \[0, 1\), got 1.0"),
+        ({"rank": 2, "dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"rank": 2, "dropout": float("nan")}, r"dropout must be a finite number in \[0, 1\)"),
         ({"rank": 2, "param_dtype": "int32"}, r"param_dtype must name a floating dtype"),
-        ({"rank": 2, "alpha": "big"}, r"alpha must be a number or None"),
+        ({"rank": 2, "param_dtype": None}, r"param_dtype must name a floating dtype.*got None"),
+        ({"rank": 2, "param_dtype": "flaot32"}, r"param_dtype must name .*got 'flaot32'"),
+        ({"rank": 2, "alpha": "big"}, r"alpha must be a number or None \(alpha = rank\)"),
+        ({"rank": 2, "alpha": True}, r"alpha must be a number or None .*got True \(bool\)"),
+        ({"rank": 2, "alpha": float("nan")}, r"alpha must be a finite number, got nan"),
+        ({"rank": 2, "alpha": -float("inf")}, r"alpha must be a finite number, got -inf"),
+        ({"rank": 2, "alpha": 10**400}, r"alpha must be a finite number, got 1000"),
+        ({"rank": 2, "rslora": 1}, r"rslora must be a bool, got 1; pass True or False"),
+        ({"rank": 2, "rslora": "yes"}, r"rslora must be a bool, got 'yes'"),
+        ({"rank": 2.0}, r"rank must be a positive int, got 2.0 \(float\)"),
+        ({"rank": None}, r"rank must be a positive int, got None"),
+        ({"rank": 2, "a_init": None}, r"a_init must be one of .*got None"),
     ],
 )
 @pytest.mark.parametrize("cls", [LoRAConfig, LoRA])
 def test_invalid_arguments_raise_at_construction(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+def test_numpy_scalars_become_python_values():
+    cfg = LoRAConfig(rank=np.int32(4), alpha=np.float16(8.0), rslora=np.bool_(True))
+    assert cfg == LoRAConfig(rank=4, alpha=8.0, rslora=True)
+    assert (type(cfg.rank), type(cfg.alpha), type(cfg.rslora)) == (int, float, bool)
+    assert cfg.build().scale == 4.0
+
+
+# --- the module, eagerly and under jit --------------------------------------------------------
+
+
+class LoRABattery(chex.TestCase):
+    """Zero at init and ``scale * x @ A @ B`` after, eagerly and under ``jit`` (chex.variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("plain", False), ("rslora", True))
+    def test_zero_at_init_then_formula(self, rslora):
+        lora = LoRA(RANK, alpha=ALPHA, rslora=rslora)
+        x = _x((B, T, D))
+        variables = lora.init(jax.random.key(0), x, out_features=OUT)
+        forward = self.variant(lambda variables, x: lora.apply(variables, x, out_features=OUT))
+        chex.assert_trees_all_equal(forward(variables, x), np.zeros((B, T, OUT), np.float32))
+        variables = noise_like(variables, seed=1)
+        a, b = (_f64(variables["params"][k]) for k in ("a", "b"))
+        scale = ALPHA / math.sqrt(RANK) if rslora else ALPHA / RANK
+        expected = scale * _f64(x) @ a @ b
+        chex.assert_trees_all_close(forward(variables, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "x, out_features, match",
+    [
+        (jnp.ones((B, D), jnp.int32), OUT, "LoRA needs a floating x, got dtype int32"),
+        (jnp.ones((), jnp.float32), OUT, r"LoRA needs x of rank >= 1"),
+        (jnp.ones((B, D)), 0, "out_features must be a positive int, got 0"),
+        (jnp.ones((B, D)), 2.0, r"out_features must be a positive int, got 2.0"),
+    ],
+)
+def test_bad_input_raises_at_trace_time(x, out_features, match, key):
+    with pytest.raises(ValueError, match=match):
+        jax.jit(LoRA(RANK).init, static_argnames="out_features")(key, x, out_features=out_features)
 
 
 # --- training ----------------------------------------------------------------------------------

@@ -233,6 +233,48 @@ def test_negative_l2_lambda_raises():
         ResidualAddStrategy(l2_lambda=-1.0)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ResidualAddStrategy(stochastic_depth=NAN), r"stochastic_depth must be a finite"),
+        (lambda: ResidualAddStrategy(stochastic_depth="0.5"), r"stochastic_depth must be a number"),
+        (lambda: ResidualAddStrategy(stochastic_depth=None), r"stochastic_depth .* got None"),
+        (lambda: ResidualAddStrategy(stochastic_depth=True), r"stochastic_depth .* got True"),
+        (lambda: ResidualAddStrategy(l2_lambda=INF), r"l2_lambda must be a finite number >= 0"),
+        (lambda: ResidualAddStrategy(l2_lambda=NAN), r"l2_lambda must be a finite number >= 0"),
+        (lambda: ResidualAddStrategy(l2_lambda=[0.1]), r"l2_lambda must be a number >= 0"),
+        (lambda: ResidualAddStrategy(l2_lambda=10**400), r"l2_lambda must be a finite number"),
+        (lambda: ResidualAddStrategy(per_example=1), r"per_example must be a bool, got 1"),
+        (lambda: ResidualAddStrategy(per_example="no"), r"per_example must be a bool, got 'no'"),
+        (lambda: ScaledAddStrategy(scale=NAN), r"scale must be a finite number, got nan"),
+        (lambda: ScaledAddStrategy(scale=-INF), r"scale must be a finite number, got -inf"),
+        (lambda: ScaledAddStrategy(scale="2"), r"scale must be a number, got '2' \(str\)"),
+        (lambda: ScaledAddStrategy(scale=None), r"scale must be a number, got None"),
+    ],
+)
+def test_bad_strategy_fields_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_numpy_scalars_become_python_values():
+    strategy = ResidualAddStrategy(
+        stochastic_depth=np.float32(0.5), l2_lambda=np.int64(2), per_example=np.bool_(True)
+    )
+    assert strategy == ResidualAddStrategy(stochastic_depth=0.5, l2_lambda=2.0, per_example=True)
+    assert [type(getattr(strategy, f.name)) for f in dataclasses.fields(strategy)] == [
+        float,
+        float,
+        bool,
+    ]
+    scaled = ScaledAddStrategy(scale=jnp.asarray(3))
+    assert type(scaled.scale) is float and scaled == ScaledAddStrategy(scale=3.0)
+    assert hash(scaled) == hash(ScaledAddStrategy(scale=3.0))
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_stochastic_depth_bounds_are_accepted(p):
     assert ResidualAddStrategy(stochastic_depth=p).stochastic_depth == p

@@ -10,27 +10,40 @@ each adapter's math is written once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
 
+import jadapters._checks as _checks
+from jadapters._activations import ACTIVATIONS
 from jadapters.registry import build_adapter
 
-
-def adapter_fields(obj: Any) -> dict[str, Any]:
-    """The configuration fields of an adapter module or config (Linen's ``parent``/``name``
-    and the keyword-only marker left out), so a module and its config share one check."""
-    return {
-        f.name: getattr(obj, f.name)
-        for f in dataclasses.fields(obj)
-        if f.name not in ("parent", "name", "_")
-    }
+# The field check of an adapter's ``activation``.
+check_activation = functools.partial(_checks.check_choice, choices=tuple(sorted(ACTIVATIONS)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdapterConfig:
-    """Base class of adapter configs: frozen dataclasses whose fields match the module's."""
+    """Base class of adapter configs: frozen dataclasses whose fields match the module's.
+
+    A subclass lists each field's check in ``field_checks`` (the same table as its module's);
+    they run when the config is built, so a bad value fails there, naming the field.
+
+    >>> import jadapters
+    >>> cfg = jadapters.LoRAConfig(rank=4)
+    >>> isinstance(cfg, AdapterConfig), type(cfg.build()).__name__
+    (True, 'LoRA')
+    >>> jadapters.LoRAConfig(rank=0)
+    Traceback (most recent call last):
+    ValueError: rank must be a positive int, got 0.
+    """
+
+    field_checks: ClassVar[Mapping[str, _checks.Check]] = {}
+
+    def __post_init__(self):
+        _checks.apply_checks(self, self.field_checks)
 
     def build(self) -> Any:
         """Builds the Flax module this config describes (through the registry)."""
@@ -45,6 +58,8 @@ class AdapterMath:
     summaries) asks the type through these members and never reads a parameter by name.
 
     Attributes:
+      field_checks: each configuration field's check (``jadapters._checks``); the module runs
+        them in its ``__post_init__`` and its config in its own.
       default_insertion: ``"output"``, ``"parallel"``, ``"input"`` or ``"weight"``.
       needs_out_features: the module is called with ``out_features=`` (the host's output
         width).
@@ -56,6 +71,7 @@ class AdapterMath:
         ``"bottleneck"``.
     """
 
+    field_checks: ClassVar[Mapping[str, _checks.Check]] = {}
     default_insertion: ClassVar[str] = "output"
     needs_out_features: ClassVar[bool] = False
     merge_insertion: ClassVar[str | None] = None

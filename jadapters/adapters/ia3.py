@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import jadapters._checks as _checks
-from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters.adapters.base import AdapterConfig, AdapterMath
 from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
@@ -27,6 +28,13 @@ def ia3_delta(y: jax.Array, scale: jax.Array) -> jax.Array:
     return y * (scale - jnp.ones((), y.dtype))
 
 
+CHECKS: dict[str, _checks.Check] = {
+    "in_features": functools.partial(_checks.check_positive_int, allow_none=True),
+    "param_dtype": _checks.check_dtype,
+    "adapter_strategy": _checks.check_strategy,
+}
+
+
 class IA3(nn.Module, AdapterMath):
     """Rescales the host's output features by a learned vector ``l`` (ones at init).
 
@@ -41,6 +49,11 @@ class IA3(nn.Module, AdapterMath):
       param_dtype: dtype of ``l``.
       adapter_strategy: residual add (the only strategy that keeps IA3's meaning).
 
+    Raises:
+      ValueError: at construction, for a field of the wrong type or out of range; at call time,
+        for an input that is not a floating array of rank >= 1 or whose last axis differs from
+        ``in_features``.
+
     >>> import jax, jax.numpy as jnp
     >>> ia3 = IA3()
     >>> y = jnp.ones((2, 4))
@@ -54,12 +67,13 @@ class IA3(nn.Module, AdapterMath):
     param_dtype: str = "float32"
     adapter_strategy: Any = ResidualAddStrategy()
 
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
     default_insertion: ClassVar[str] = "output"
     merge_insertion: ClassVar[str | None] = "output"
     weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {"scale": ("features",)}
 
     def __post_init__(self):
-        _check_ia3(**adapter_fields(self))
+        _checks.apply_checks(self, self.field_checks)
         super().__post_init__()
 
     def fold(self, params, kernel, bias, layout, *, factor):
@@ -87,27 +101,31 @@ class IA3(nn.Module, AdapterMath):
     @nn.compact
     def __call__(self, y: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
+        _checks.check_input("IA3", "y", y, in_features=self.in_features)
+        # in_features first: with chex's assertions disabled, a mismatch still fails below.
         features = self.in_features or y.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.dtype(self.param_dtype))
         return ia3_delta(y, scale)
 
 
-def _check_ia3(in_features, param_dtype, adapter_strategy):
-    _checks.check_positive_int("in_features", in_features, allow_none=True)
-    _checks.check_dtype("param_dtype", param_dtype)
-    _checks.check_strategy(adapter_strategy)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IA3Config(AdapterConfig):
-    """Frozen, JSON-serializable configuration of :class:`IA3` (same fields)."""
+    """Frozen, JSON-serializable configuration of :class:`IA3` (same fields).
+
+    >>> import jadapters
+    >>> cfg = IA3Config(param_dtype="bfloat16")
+    >>> cfg.build().param_dtype, jadapters.config_to_dict(cfg)["type"]
+    ('bfloat16', 'IA3')
+    >>> IA3Config(param_dtype="int8")  # checked when built, naming the field
+    Traceback (most recent call last):
+    ValueError: param_dtype must name a floating dtype such as 'float32' or 'bfloat16', got 'int8'.
+    """
 
     in_features: int | None = None
     param_dtype: str = "float32"
     adapter_strategy: Any = ResidualAddStrategy()
 
-    def __post_init__(self):
-        _check_ia3(**adapter_fields(self))
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
 
 
 register_adapter(IA3Config, IA3)

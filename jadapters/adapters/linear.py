@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 
 import jadapters._checks as _checks
-from jadapters._activations import check_activation, get_activation
-from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters._activations import get_activation
+from jadapters.adapters.base import AdapterConfig, AdapterMath, check_activation
 from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
 NORM_POSITIONS = ("pre", "post")
+# NeMo's adapter is built on PyTorch's nn.LayerNorm, whose epsilon is 1e-5 (Flax's is 1e-6).
+NORM_EPSILON = 1e-5
 
-
-def _check_linear(dim, in_features, activation, norm_position, dropout, adapter_strategy):
-    _checks.check_positive_int("dim", dim)
-    _checks.check_positive_int("in_features", in_features, allow_none=True)
-    check_activation(activation)
-    _checks.check_choice("norm_position", norm_position, NORM_POSITIONS)
-    _checks.check_rate("dropout", dropout)
-    _checks.check_strategy(adapter_strategy)
+CHECKS: dict[str, _checks.Check] = {
+    "dim": _checks.check_positive_int,
+    "in_features": functools.partial(_checks.check_positive_int, allow_none=True),
+    "activation": check_activation,
+    "norm_position": functools.partial(_checks.check_choice, choices=NORM_POSITIONS),
+    "norm_epsilon": functools.partial(_checks.check_number, low=0.0, low_open=True),
+    "dropout": _checks.check_rate,
+    "adapter_strategy": _checks.check_strategy,
+}
 
 
 class LinearAdapter(nn.Module, AdapterMath):
@@ -43,12 +47,17 @@ class LinearAdapter(nn.Module, AdapterMath):
       in_features: input (and output) width; ``None`` infers it from the input.
       activation: one of identity, hardtanh, relu, selu, swish, silu, gelu.
       norm_position: ``'pre'`` or ``'post'``.
+      norm_epsilon: the LayerNorm's epsilon, a positive float; ``1e-5`` by default, as NeMo's
+        adapter (PyTorch's ``nn.LayerNorm``) and unlike Flax's own default of ``1e-6``, so that
+        an adapter ported from NeMo gives NeMo's outputs.
       dropout: dropout rate in ``[0, 1)`` on the block's output (PRNG stream ``'dropout'``).
       adapter_strategy: how the output joins the stream; ``ResidualAddStrategy()`` by default.
 
     Raises:
-      ValueError: at construction, for ``dim < 1``, an unknown activation or norm position, or
-        ``dropout`` outside ``[0, 1)``.
+      ValueError: at construction, for a field of the wrong type, ``dim < 1``, an unknown
+        activation or norm position, a ``norm_epsilon`` that is not a positive finite number,
+        or ``dropout`` outside ``[0, 1)``; at call time, for an input that is not a floating
+        array of rank >= 1 or whose last axis differs from ``in_features``.
 
     >>> import jax, jax.numpy as jnp
     >>> adapter = LinearAdapter(4)
@@ -63,9 +72,11 @@ class LinearAdapter(nn.Module, AdapterMath):
     in_features: int | None = None
     activation: str = "swish"
     norm_position: str = "pre"
+    norm_epsilon: float = NORM_EPSILON
     dropout: float = 0.0
     adapter_strategy: Any = ResidualAddStrategy()
 
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
     default_insertion: ClassVar[str] = "output"
     weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {
         "norm/scale": ("features",),
@@ -75,17 +86,14 @@ class LinearAdapter(nn.Module, AdapterMath):
     }
 
     def __post_init__(self):
-        _check_linear(**adapter_fields(self))
+        _checks.apply_checks(self, self.field_checks)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        features = x.shape[-1]
-        if self.in_features is not None and features != self.in_features:
-            raise ValueError(
-                f"LinearAdapter was built with in_features={self.in_features} but got an input "
-                f"with last axis {features} (shape {x.shape}); set in_features={features} or None."
-            )
+        _checks.check_input("LinearAdapter", "x", x, in_features=self.in_features)
+        # in_features first: with chex's assertions disabled, a mismatch still fails below.
+        features = self.in_features or x.shape[-1]
         act = get_activation(self.activation)
         dense = lambda n, zero, name: nn.Dense(  # noqa: E731
             n,
@@ -95,13 +103,14 @@ class LinearAdapter(nn.Module, AdapterMath):
             name=name,
         )
         if self.norm_position == "pre":
-            h = nn.LayerNorm(dtype=x.dtype, name="norm")(x)
+            h = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=x.dtype, name="norm")(x)
             h = dense(self.dim, False, "down")(h)
             h = dense(features, True, "up")(act(h))
         else:
             h = dense(self.dim, False, "down")(x)
             h = dense(features, False, "up")(act(h))
             h = nn.LayerNorm(
+                epsilon=self.norm_epsilon,
                 dtype=x.dtype,
                 scale_init=nn.initializers.zeros,
                 bias_init=nn.initializers.zeros,
@@ -116,6 +125,12 @@ class LinearAdapter(nn.Module, AdapterMath):
 class LinearAdapterConfig(AdapterConfig):
     """Frozen, JSON-serializable configuration of a :class:`LinearAdapter` (same fields).
 
+    ``norm_epsilon`` defaults to ``1e-5``, the epsilon of NeMo's adapter (PyTorch's
+    ``nn.LayerNorm``): jadapters follows NeMo's adapter contract, so an adapter ported from
+    NeMo gives the same outputs. Flax's ``LayerNorm`` defaults to ``1e-6``; on inputs of small
+    variance the two differ clearly, so set ``norm_epsilon=1e-6`` to match a Flax-native norm.
+    Every field is checked when the config is built (``ValueError`` naming the field).
+
     >>> module = LinearAdapterConfig(dim=8, activation="relu").build()
     >>> type(module).__name__, module.dim, module.activation
     ('LinearAdapter', 8, 'relu')
@@ -125,11 +140,11 @@ class LinearAdapterConfig(AdapterConfig):
     in_features: int | None = None
     activation: str = "swish"
     norm_position: str = "pre"
+    norm_epsilon: float = NORM_EPSILON
     dropout: float = 0.0
     adapter_strategy: Any = ResidualAddStrategy()
 
-    def __post_init__(self):
-        _check_linear(**adapter_fields(self))
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
 
 
 register_adapter(LinearAdapterConfig, LinearAdapter)

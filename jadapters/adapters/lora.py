@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import jadapters._checks as _checks
-from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters.adapters.base import AdapterConfig, AdapterMath
 from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
@@ -39,16 +40,15 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, *, scale: float) -> jax
     return jnp.matmul(h, b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
 
 
-def _check_lora(rank, alpha, rslora, dropout, a_init, param_dtype, adapter_strategy):
-    _checks.check_positive_int("rank", rank)
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
-        raise ValueError(f"alpha must be a number or None (meaning alpha = rank), got {alpha!r}.")
-    if not isinstance(rslora, bool):
-        raise ValueError(f"rslora must be a bool, got {rslora!r}.")
-    _checks.check_rate("dropout", dropout)
-    _checks.check_choice("a_init", a_init, A_INITS)
-    _checks.check_dtype("param_dtype", param_dtype)
-    _checks.check_strategy(adapter_strategy)
+CHECKS: dict[str, _checks.Check] = {
+    "rank": _checks.check_positive_int,
+    "alpha": functools.partial(_checks.check_number, allow_none=True, none_means="alpha = rank"),
+    "rslora": _checks.check_bool,
+    "dropout": _checks.check_rate,
+    "a_init": functools.partial(_checks.check_choice, choices=A_INITS),
+    "param_dtype": _checks.check_dtype,
+    "adapter_strategy": _checks.check_strategy,
+}
 
 
 class LoRA(nn.Module, AdapterMath):
@@ -74,6 +74,12 @@ class LoRA(nn.Module, AdapterMath):
       param_dtype: dtype of ``A`` and ``B`` as a string, e.g. ``'float32'``, ``'bfloat16'``.
       adapter_strategy: how the update joins the host's output; residual add by default.
 
+    Raises:
+      ValueError: at construction, for a field of the wrong type or out of range (``rank``
+        not a positive int, ``alpha`` not a finite number or None, ``rslora`` not a bool,
+        ``dropout`` outside ``[0, 1)``, ...); at call time, for an input that is not a floating
+        array of rank >= 1 or an ``out_features`` that is not a positive int.
+
     >>> import jax, jax.numpy as jnp
     >>> lora = LoRA(2, alpha=4.0)
     >>> x = jnp.ones((3, 5))
@@ -93,13 +99,14 @@ class LoRA(nn.Module, AdapterMath):
     param_dtype: str = "float32"
     adapter_strategy: Any = ResidualAddStrategy()
 
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
     default_insertion: ClassVar[str] = "weight"
     needs_out_features: ClassVar[bool] = True
     merge_insertion: ClassVar[str | None] = "weight"
     weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {"a": ("in", "rank"), "b": ("rank", "out")}
 
     def __post_init__(self):
-        _check_lora(**adapter_fields(self))
+        _checks.apply_checks(self, self.field_checks)
         super().__post_init__()
 
     @property
@@ -129,6 +136,8 @@ class LoRA(nn.Module, AdapterMath):
 
     @nn.compact
     def __call__(self, x, *, out_features: int, deterministic: bool = True) -> jax.Array:
+        _checks.check_input("LoRA", "x", x)
+        _checks.check_positive_int("out_features", out_features)
         a, b = self.factors(x.shape[-1], out_features)
         if self.dropout > 0.0:
             x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
@@ -151,8 +160,7 @@ class LoRAConfig(AdapterConfig):
     param_dtype: str = "float32"
     adapter_strategy: Any = ResidualAddStrategy()
 
-    def __post_init__(self):
-        _check_lora(**adapter_fields(self))
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
 
 
 register_adapter(LoRAConfig, LoRA)

@@ -10,21 +10,19 @@ import jax
 import jax.numpy as jnp
 
 import jadapters._checks as _checks
-from jadapters._activations import check_activation, get_activation
-from jadapters.adapters.base import AdapterConfig, AdapterMath, adapter_fields
+from jadapters._activations import get_activation
+from jadapters.adapters.base import AdapterConfig, AdapterMath, check_activation
 from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
 
-
-def _check_parallel(dim, activation, scale, learn_scale, dropout, adapter_strategy):
-    _checks.check_positive_int("dim", dim)
-    check_activation(activation)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a number, got {scale!r}.")
-    if not isinstance(learn_scale, bool):
-        raise ValueError(f"learn_scale must be a bool, got {learn_scale!r}.")
-    _checks.check_rate("dropout", dropout)
-    _checks.check_strategy(adapter_strategy)
+CHECKS: dict[str, _checks.Check] = {
+    "dim": _checks.check_positive_int,
+    "activation": check_activation,
+    "scale": _checks.check_number,
+    "learn_scale": _checks.check_bool,
+    "dropout": _checks.check_rate,
+    "adapter_strategy": _checks.check_strategy,
+}
 
 
 class ParallelAdapter(nn.Module, AdapterMath):
@@ -43,6 +41,12 @@ class ParallelAdapter(nn.Module, AdapterMath):
       dropout: dropout rate on the bottleneck's output.
       adapter_strategy: how it joins the host's output; residual add by default.
 
+    Raises:
+      ValueError: at construction, for a field of the wrong type or out of range (``scale``
+        must be a finite number, ``learn_scale`` a bool, ``dropout`` in ``[0, 1)``); at call
+        time, for an input that is not a floating array of rank >= 1 or an ``out_features``
+        that is not a positive int.
+
     >>> import jax, jax.numpy as jnp
     >>> adapter = ParallelAdapter(2)
     >>> x = jnp.ones((3, 5))
@@ -59,6 +63,7 @@ class ParallelAdapter(nn.Module, AdapterMath):
     dropout: float = 0.0
     adapter_strategy: Any = ResidualAddStrategy()
 
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
     default_insertion: ClassVar[str] = "parallel"
     needs_out_features: ClassVar[bool] = True
     weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -70,11 +75,13 @@ class ParallelAdapter(nn.Module, AdapterMath):
     }
 
     def __post_init__(self):
-        _check_parallel(**adapter_fields(self))
+        _checks.apply_checks(self, self.field_checks)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, out_features: int, deterministic: bool = True):
+        _checks.check_input("ParallelAdapter", "x", x)
+        _checks.check_positive_int("out_features", out_features)
         h = nn.Dense(self.dim, dtype=x.dtype, name="down")(x)
         h = get_activation(self.activation)(h)
         h = nn.Dense(out_features, dtype=x.dtype, kernel_init=nn.initializers.zeros, name="up")(h)
@@ -89,7 +96,16 @@ class ParallelAdapter(nn.Module, AdapterMath):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParallelAdapterConfig(AdapterConfig):
-    """Frozen, JSON-serializable configuration of :class:`ParallelAdapter` (same fields)."""
+    """Frozen, JSON-serializable configuration of :class:`ParallelAdapter` (same fields).
+
+    >>> cfg = ParallelAdapterConfig(dim=4, activation="gelu", scale=0.5)
+    >>> module = cfg.build()
+    >>> module.dim, module.activation, module.scale
+    (4, 'gelu', 0.5)
+    >>> ParallelAdapterConfig(dim=4, activation="tanh")  # checked when built, naming the field
+    Traceback (most recent call last):
+    ValueError: activation must be one of [...], got 'tanh'.
+    """
 
     dim: int
     activation: str = "relu"
@@ -98,8 +114,7 @@ class ParallelAdapterConfig(AdapterConfig):
     dropout: float = 0.0
     adapter_strategy: Any = ResidualAddStrategy()
 
-    def __post_init__(self):
-        _check_parallel(**adapter_fields(self))
+    field_checks: ClassVar[dict[str, _checks.Check]] = CHECKS
 
 
 register_adapter(ParallelAdapterConfig, ParallelAdapter)
