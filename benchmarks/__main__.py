@@ -1,7 +1,11 @@
-"""Runs every benchmark and rewrites the results in ``benchmarks/README.md``.
+"""Runs the benchmarks and prints their result tables.
 
 ``python -m benchmarks`` (full sizes, several minutes on a 2-core CPU) or
-``python -m benchmarks --quick`` (small sizes, a smoke test). ``--only bench_lora`` runs one.
+``python -m benchmarks --quick`` (small sizes, a smoke test). ``--only bench_lora`` runs one,
+``--list`` names them. Nothing is written unless asked: ``--json PATH`` saves the results,
+``--write-readme`` replaces the results section of ``benchmarks/README.md`` with these tables.
+A comparison peer that is not installed (qwix, from the ``bench`` extra) is skipped with a
+printed note.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import json
 import os
 import pathlib
 import platform
@@ -22,12 +27,14 @@ BENCHMARKS = {
     "bench_lora": "LoRA: training step, merged and unmerged forward, vs Flax nnx.LoRA and qwix",
     "bench_checkpoint": "Adapter-only checkpoints: bytes and save/load time",
     "bench_inline": "jadapters vs the same model with the adapter written inline by hand",
+    "bench_robustness": "Checkpoints under kills, damaged files and concurrent readers (counts)",
 }
 QUICK = {
     "bench_transform": ["--d-model", "64", "--layers", "2", "--seq", "16", "--steps", "3"],
     "bench_lora": ["--d-model", "64", "--layers", "2", "--seq", "16", "--steps", "3"],
     "bench_checkpoint": ["--d-model", "64", "--layers", "2", "--repeats", "1"],
     "bench_inline": ["--quick"],
+    "bench_robustness": ["--kills", "2", "--flips", "1", "--read-seconds", "2"],
 }
 README = pathlib.Path(__file__).with_name("README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -67,21 +74,55 @@ def rewrite_readme(sections: list[tuple[str, str]], quick: bool) -> None:
     README.write_text(pattern.sub(lambda _: f"{START}\n{new}\n{END}", text))
 
 
+def load(name: str):
+    """The benchmark module ``name`` (a key of ``BENCHMARKS``)."""
+    return importlib.import_module(f"benchmarks.{name}")  # from the fixed table above
+
+
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    result.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    result.add_argument(
+        "--only", action="append", choices=sorted(BENCHMARKS), help="run this one (repeatable)"
+    )
+    result.add_argument("--list", action="store_true", help="name the benchmarks and exit")
+    result.add_argument("--json", metavar="PATH", help="write every benchmark's results here")
+    result.add_argument(
+        "--write-readme",
+        action="store_true",
+        help=f"replace the results section of {README.name} with this run's tables",
+    )
+    # Before --write-readme existed, writing was the default and --no-write turned it off.
+    result.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
-    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS))
-    parser.add_argument("--no-write", action="store_true", help="print, don't edit README.md")
-    args = parser.parse_args(argv)
-    sections = []
+    args = parser().parse_args(argv)
+    if args.write_readme and args.no_write:
+        parser().error("--write-readme and --no-write contradict each other")
+    if args.list:
+        for name, title in BENCHMARKS.items():
+            print(f"{name:<18}{title}")
+        return 0
+    sections, everything = [], {}
     for name in args.only or BENCHMARKS:
-        module = importlib.import_module(f"benchmarks.{name}")  # from the fixed table above
+        module = load(name)
         results = module.run(_args(module, QUICK[name] if args.quick else []))
         table = module.table(results)
         print(f"## {BENCHMARKS[name]}\n\n{table}\n", flush=True)
         sections.append((BENCHMARKS[name], table))
-    if not args.no_write:
+        everything[name] = results
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(everything, indent=2, default=str) + "\n")
+        print(f"results written to {args.json}")
+    if args.write_readme:
         rewrite_readme(sections, args.quick)
+        print(f"results section of {README} rewritten")
     return 0
 
 

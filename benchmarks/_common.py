@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +19,21 @@ import optax
 
 IN_FEATURES = 64
 NUM_CLASSES = 10
+
+
+def optional_peer(name: str, extra: str = "bench"):
+    """The module ``name`` of a comparison peer, or ``None`` with a printed note when it is not
+    installed: the benchmark then skips that peer's rows instead of failing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        print(
+            f"note: {name} is not installed ({err}); its comparisons are skipped. "
+            f'Install the peers with: pip install -e ".[{extra}]"',
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, steps: int):

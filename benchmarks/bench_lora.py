@@ -9,6 +9,8 @@ One process, one model size, every comparison against its baseline in the same r
 4. NNX: ours (``adapter_transform`` + ``LoRAConfig``) vs Flax's ``nnx.LoRA`` and vs qwix's
    ``LoraProvider``/``apply_lora_to_model``, same base weights, same modules, same rank, same
    scale, same LoRA weights (checked: the three forwards agree): training step and forward.
+   qwix comes from the ``bench`` extra (``pip install -e ".[bench]"``); without it, its rows
+   are skipped with a printed note.
 
 Times are medians over ``--steps`` calls after ``--warmup`` calls, each call blocked on its
 result; the variants of one comparison are timed in turn within each round (interleaved), so
@@ -20,6 +22,7 @@ that load from other processes affects them alike.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -30,7 +33,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-import qwix
 from flax import nnx
 
 import jadapters
@@ -39,6 +41,7 @@ try:
     from benchmarks._common import (
         Stepper,
         cross_entropy,
+        optional_peer,
         randomize,
         time_interleaved,
         token_data,
@@ -48,6 +51,7 @@ except ImportError:  # run as a script: python benchmarks/bench_lora.py
     from _common import (  # type: ignore[no-redef]
         Stepper,
         cross_entropy,
+        optional_peer,
         randomize,
         time_interleaved,
         token_data,
@@ -60,6 +64,7 @@ NUM_CLASSES = 10
 LINEN_QV = r"blocks_\d+/attn/(query|value)"
 NNX_QV = r"blocks/\d+/attn/(query|value)"
 NOISE = 1.05  # "no slower than": within 5% (timing noise on a shared CPU)
+QWIX_MISSING = 'qwix is not installed: its rows are skipped (pip install -e ".[bench]")'
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -211,7 +216,7 @@ def _nnx_flax(args, ours):
     return model
 
 
-def _nnx_qwix(args, ours, x):
+def _nnx_qwix(args, ours, x, qwix):
     provider = qwix.LoraProvider(module_path=NNX_QV, rank=args.rank, alpha=2.0 * args.rank)
     model = qwix.apply_lora_to_model(_nnx_base(args), provider, x, rngs=nnx.Rngs(1))
     for i, block in enumerate(model.blocks):
@@ -247,12 +252,15 @@ def bench_nnx(args) -> dict:
     base = _nnx_base(args)
     ours = _nnx_ours(args)
     flax_model = _nnx_flax(args, ours)
-    qwix_model = _nnx_qwix(args, ours, x)
-    models = {"base": base, "ours": ours, "flax": flax_model, "qwix": qwix_model}
+    models = {"base": base, "ours": ours, "flax": flax_model}
+    qwix = optional_peer("qwix")
+    if qwix is not None:
+        models["qwix"] = _nnx_qwix(args, ours, x, qwix)
+    peers = [name for name in ("flax", "qwix") if name in models]
 
     forwards = {name: _pure_forward(m) for name, m in models.items()}
     outs = {name: fn(state, x) for name, (fn, state) in forwards.items()}
-    agreement = {name: float(jnp.abs(outs[name] - outs["ours"]).max()) for name in ("flax", "qwix")}
+    agreement = {name: float(jnp.abs(outs[name] - outs["ours"]).max()) for name in peers}
     lora_effect = float(jnp.abs(outs["ours"] - outs["base"]).max())
     fwd = time_interleaved(
         {name: _blocking(fn, state, x) for name, (fn, state) in forwards.items()},
@@ -268,13 +276,14 @@ def bench_nnx(args) -> dict:
     peer_step = _nnx_lora_step(loss_fn, nnx.LoRAParam)
     trainers = {
         "ours": (ours_step, ours, jadapters.adapter_optimizer(ours, tx)),
-        "flax": (peer_step, flax_model, nnx.Optimizer(flax_model, tx, wrt=nnx.LoRAParam)),
-        "qwix": (peer_step, qwix_model, nnx.Optimizer(qwix_model, tx, wrt=nnx.LoRAParam)),
+        **{
+            name: (peer_step, models[name], nnx.Optimizer(models[name], tx, wrt=nnx.LoRAParam))
+            for name in peers
+        },
     }
     trainable = {
         "ours": nnx.state(ours, ours.unfreeze_enabled_adapters(freeze_batchnorm=False)),
-        "flax": nnx.state(flax_model, nnx.LoRAParam),
-        "qwix": nnx.state(qwix_model, nnx.LoRAParam),
+        **{name: nnx.state(models[name], nnx.LoRAParam) for name in peers},
     }
     counts = {k: sum(a.size for a in jax.tree.leaves(s)) for k, s in trainable.items()}
     steps = time_interleaved(
@@ -291,6 +300,7 @@ def bench_nnx(args) -> dict:
         "trainable_params": counts,
         "max_abs_diff_vs_ours": agreement,
         "lora_effect_max_abs": lora_effect,
+        "skipped_peers": [] if qwix is not None else ["qwix"],
     }
 
 
@@ -305,7 +315,7 @@ def _row(what, ours, baseline, target, limit):
 
 def _rows(lin, nx):
     step, fwd, noise = nx["step_ms"], nx["forward_ms"], f"<= {NOISE:.2f}"
-    return [
+    rows = [
         (
             "Linen train step: LoRA (q,v) / full fine-tuning",
             lin["lora_step_ms"],
@@ -327,14 +337,16 @@ def _rows(lin, nx):
             "<= 1.05",
             1.05,
         ),
-        ("NNX train step: ours / Flax nnx.LoRA", step["ours"], step["flax"], noise, NOISE),
-        ("NNX train step: ours / qwix LoRA", step["ours"], step["qwix"], noise, NOISE),
-        ("NNX forward: ours / Flax nnx.LoRA", fwd["ours"], fwd["flax"], noise, NOISE),
-        ("NNX forward: ours / qwix LoRA", fwd["ours"], fwd["qwix"], noise, NOISE),
-        ("NNX forward: ours unmerged / base", fwd["ours"], fwd["base"], "info", None),
-        ("NNX forward: Flax nnx.LoRA / base", fwd["flax"], fwd["base"], "info", None),
-        ("NNX forward: qwix LoRA / base", fwd["qwix"], fwd["base"], "info", None),
     ]
+    peers = [p for p in (("flax", "Flax nnx.LoRA"), ("qwix", "qwix LoRA")) if p[0] in step]
+    for peer, label in peers:  # a peer that was not installed has no times and no rows
+        rows.append((f"NNX train step: ours / {label}", step["ours"], step[peer], noise, NOISE))
+    for peer, label in peers:
+        rows.append((f"NNX forward: ours / {label}", fwd["ours"], fwd[peer], noise, NOISE))
+    rows.append(("NNX forward: ours unmerged / base", fwd["ours"], fwd["base"], "info", None))
+    for peer, label in peers:
+        rows.append((f"NNX forward: {label} / base", fwd[peer], fwd["base"], "info", None))
+    return rows
 
 
 def table(results: dict) -> str:
@@ -344,6 +356,8 @@ def table(results: dict) -> str:
         f"d_model={a['d_model']}, layers={a['layers']}, heads={a['heads']}, seq={a['seq']}, "
         f"batch={a['batch']}, rank={a['rank']}, steps={a['steps']} (median), warmup={a['warmup']}"
     )
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in nx["max_abs_diff_vs_ours"].items())
+    skipped = [QWIX_MISSING] if "qwix" in nx.get("skipped_peers", []) else []
     lines = [
         f"LoRA benchmark ({size}); {results['backend']} ({results['devices']})",
         "",
@@ -352,14 +366,14 @@ def table(results: dict) -> str:
         *(_row(*row) for row in _rows(lin, nx)),
         "",
         "Notes:",
+        *(f"- {note}." for note in skipped),
         f"- Merged vs adapted output, max |diff|: {lin['merged_vs_adapted_max_abs_diff']:.2e} "
         f"(LoRA's effect on the output: {lin['lora_effect_max_abs']:.2e}). The merged forward "
         "runs the unwrapped model's jitted function on the merged params; one compiled "
         f"executable serves base and merged: {lin['merged_same_executable_as_base']}. It is "
         "the base computation, so its ratio measures timing noise only.",
         f"- NNX peers use the same base weights, modules, rank, scale and LoRA weights; max "
-        f"|output - ours|: Flax {nx['max_abs_diff_vs_ours']['flax']:.2e}, qwix "
-        f"{nx['max_abs_diff_vs_ours']['qwix']:.2e} (LoRA's effect: "
+        f"|output - ours|: {diffs} (LoRA's effect: "
         f"{nx['lora_effect_max_abs']:.2e}). Trainable parameters: "
         + ", ".join(f"{k} {v}" for k, v in nx["trainable_params"].items())
         + ".",
@@ -381,6 +395,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _installed_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def run(args: argparse.Namespace) -> dict:
     """Runs every comparison and returns the results (milliseconds, medians)."""
     results = {
@@ -392,7 +413,7 @@ def run(args: argparse.Namespace) -> dict:
             "jax": jax.__version__,
             "flax": flax.__version__,
             "optax": optax.__version__,
-            "qwix": getattr(qwix, "__version__", "unknown"),
+            "qwix": _installed_version("qwix"),
             "jadapters": jadapters.__version__,
         },
         "cpu_count": os.cpu_count(),

@@ -143,7 +143,7 @@ def merge_adapters(
     *,
     names: str | Sequence[str] | None = None,
     weights: Mapping[str, float] | None = None,
-    inputs: Sequence[Any] | None = None,
+    inputs: Sequence[Any] | Any | None = None,
 ) -> Any:
     """Folds LoRA and IA3 adapters into the base kernels and returns the new base parameters.
 
@@ -153,11 +153,13 @@ def merge_adapters(
       names: adapters to merge; ``None`` merges every enabled adapter.
       weights: merge weight per adapter name (default 1.0), e.g. ``{"a": 0.5, "b": 0.5}``
         for an average of two LoRAs.
-      inputs: Linen only: example positional inputs. The host modules are then read in an
-        abstract run, which is exact for every host kind. Without them, a LoRA host's input
-        axes are taken to lead its kernel (true of ``Dense`` and ``DenseGeneral``); a kernel
-        whose shape leaves that in doubt is refused. An ``Einsum`` host with a 2-D kernel that
-        contracts its second axis needs ``inputs``.
+      inputs: Linen only: example inputs of the model, as in ``model.apply(variables,
+        *inputs)``: a tuple or list of positional inputs, or one input on its own
+        (``inputs=x`` is ``inputs=(x,)``; a dict or an array is always one input). The host
+        modules are then read in an abstract run, which is exact for every host kind. Without
+        them, a LoRA host's input axes are taken to lead its kernel (true of ``Dense`` and
+        ``DenseGeneral``); a kernel whose shape leaves that in doubt is refused. An ``Einsum``
+        host with a 2-D kernel that contracts its second axis needs ``inputs``.
 
     Returns:
       Linen: the merged ``params`` dict; run the *unwrapped* model on it
@@ -182,7 +184,23 @@ def merge_adapters(
     >>> merged = merge_adapters(adapted, variables)
     >>> bool(jnp.allclose(base.apply({"params": merged}, x), adapted.apply(variables, x)))
     True
+    >>> merged["layers_0"]["kernel"].shape  # the base's own shapes, LoRA folded in
+    (3, 4)
+
+    With example inputs the hosts are read in an abstract run (needed by some ``Einsum`` hosts):
+
+    >>> merged = merge_adapters(adapted, variables, inputs=x)
+    >>> bool(jnp.allclose(base.apply({"params": merged}, x), adapted.apply(variables, x)))
+    True
     """
     view = view_of(model, variables)
     chosen = _select(list(view.specs()), names, weights)
-    return _merge(view, chosen, inputs)
+    return _merge(view, chosen, _positional(inputs))
+
+
+def _positional(inputs: Any) -> tuple | None:
+    """The model's positional inputs: a tuple or list as they are, anything else as one input
+    (an array given as ``inputs=x`` would otherwise be split along its first axis)."""
+    if inputs is None:
+        return None
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)

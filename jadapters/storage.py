@@ -5,6 +5,13 @@
 * NNX: variables of type :class:`AdapterParam` inside each host's ``adapter_layer``.
 
 Auxiliary losses live in :mod:`jadapters.losses`.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn, jadapters
+>>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
+>>> model = model.add_adapter("task", jadapters.IA3Config())
+>>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+>>> jadapters.ADAPTER_COLLECTION, jax.tree.map(jnp.shape, variables[jadapters.ADAPTER_COLLECTION])
+('adapters', {'layers_0': {'task': {'scale': (2,)}}})
 """
 
 from __future__ import annotations

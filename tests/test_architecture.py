@@ -20,6 +20,7 @@ FRONT_END_FREE = (
     "jadapters.training",
     "jadapters.merge",
     "jadapters.checkpoint",
+    "jadapters.interop",
     "jadapters.adapters",
     "jadapters.strategies",
     "jadapters.registry",

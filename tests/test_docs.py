@@ -52,3 +52,45 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
             assert not cell.get("outputs"), f"{path.name}: commit notebooks with outputs stripped"
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3")
     client.execute(cwd=str(tmp_path))
+
+
+COURSE = [p for p in NOTEBOOKS if p.name[:3] in ("01_", "02_", "03_", "04_")]
+
+
+@pytest.mark.parametrize("path", COURSE, ids=[p.stem for p in COURSE])
+def test_course_notebook_opens_with_what_you_learn_and_an_install_cell(path):
+    nbformat = pytest.importorskip("nbformat")
+    cells = nbformat.read(path, as_version=4).cells
+    assert cells[0].cell_type == "markdown" and "**What you will learn**" in cells[0].source
+    first_code = next(c.source for c in cells if c.cell_type == "code")
+    assert 'find_spec("jadapters") is None' in first_code and "%pip install" in first_code
+
+
+def test_readme_links_and_images_exist():
+    text = (ROOT / "README.md").read_text()
+    local = [t for t in re.findall(r"\]\(([^)#\s]+)[^)]*\)", text) if "://" not in t]
+    assert not [t for t in local if not (ROOT / t).exists()]
+    assert "docs/GUIDE.md" in local  # which API when
+    assert "docs/figures/demo.png" in local  # the demo's figure
+
+
+def test_every_public_name_has_a_runnable_example():
+    """Each name in ``jadapters.__all__`` shows a ``>>>`` example in its own docstring (run by
+    ``--doctest-modules``); a constant, in the docstring of the module that defines it."""
+    import doctest
+
+    import jadapters
+    from jadapters.apidoc import defining_module, is_constant
+
+    def examples(doc: str | None) -> list[str]:
+        return [e.source for e in doctest.DocTestParser().get_examples(doc or "")]
+
+    missing = []
+    for name in jadapters.__all__:
+        obj = getattr(jadapters, name)
+        if is_constant(obj):
+            if not any(name in source for source in examples(defining_module(name).__doc__)):
+                missing.append(f"{name} (a constant: use it in its module docstring's example)")
+        elif not examples(obj.__doc__):
+            missing.append(name)
+    assert not missing, f"public names without a >>> example: {missing}"

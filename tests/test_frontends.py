@@ -83,13 +83,13 @@ def base(fe, x):
 
 @pytest.fixture(scope="module")
 def adapted(fe, base, x):
-    """'a' goes to the default group (= 'attn', the first one), 'mlp:m' to the MLPs.
+    """'attn:a' goes to the attention projections, 'mlp:m' to the MLPs.
 
     The attention projections output ``(heads, head_dim)``, so 'a' acts per head on their
     last axis, ``head_dim`` features. Tests that change it take a ``copy()``.
     """
     cfg = LinearAdapterConfig(dim=DIM)
-    return fe.adapt(base, fe.path(TARGETS), [("a", cfg), ("mlp:m", cfg)], x)
+    return fe.adapt(base, fe.path(TARGETS), [("attn:a", cfg), ("mlp:m", cfg)], x)
 
 
 @pytest.fixture(scope="module")
@@ -147,15 +147,15 @@ def test_transforming_twice_raises(fe, adapted):
 
 
 def test_group_names_and_routing(fe, adapted):
-    assert adapted.model.adapter_module_names == ["", "attn", "mlp"]
+    assert adapted.model.adapter_module_names == ["attn", "mlp"]  # no default group
     attn, mlp = set(fe.path(ATTN_HOSTS)), set(fe.path(MLP_HOSTS))
     assert adapted.sites() == {(h, "a") for h in attn} | {(h, "m") for h in mlp}
     assert adapted.enabled() == ["a", "m"]
-    assert {s.name: s.group for s in adapted.specs()} == {"a": "", "m": "mlp"}
+    assert {s.name: s.group for s in adapted.specs()} == {"a": "attn", "m": "mlp"}
 
 
 def test_unknown_group_raises_listing_valid_ones(adapted):
-    with pytest.raises(ValueError, match=r"unknown adapter module 'enc'.*\['', 'attn', 'mlp'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter module 'enc'.*\['attn', 'mlp'\]"):
         adapted.copy().add("enc:z", LinearAdapterConfig(dim=DIM))
 
 
@@ -168,7 +168,7 @@ def test_pattern_matching_nothing_raises_listing_closest_paths_first(fe, base, x
     """Linen raises at ``init`` (the first time paths are known), NNX at the transform."""
     targets = fe.path({"attn": r"blocks#\d+/attn/query", "x": r"blocks#\d+/mlpx"})
     with pytest.raises(ValueError, match=r"matches no module") as err:
-        fe.adapt(base, targets, [("z", LinearAdapterConfig(dim=DIM))], x)
+        fe.adapt(base, targets, [("attn:z", LinearAdapterConfig(dim=DIM))], x)
     listed = str(err.value).split("closest first: [")[1].split("]")[0]
     assert listed.startswith(fe.path("'blocks#0/mlp', 'blocks#1/mlp'"))
 
@@ -346,10 +346,14 @@ def test_view_lists_what_the_model_holds(fe, noisy):
     the front-end's own structures."""
     view = noisy.view()
     assert view.framework == fe.name
-    assert view.groups() == ["", "attn", "mlp"]
+    groups = view.groups()
+    assert groups[:2] == ["attn", "mlp"]
+    # NNX: each host's path also names a group, that of adapters added on the host itself
+    hosts = fe.pick(linen=[], nnx=sorted(fe.path(ATTN_HOSTS + MLP_HOSTS)))
+    assert sorted(groups[2:]) == hosts
     specs = list(view.specs())
     assert [(s.name, s.group, s.insertion, s.enabled) for s in specs] == [
-        ("a", "", "output", True),
+        ("a", "attn", "output", True),
         ("m", "mlp", "output", True),
     ]
     items = view.weights(specs)
@@ -372,7 +376,7 @@ def test_summarize(fe, adapted):
     summary = adapted.summary()
     rows = {r.name: r for r in summary.rows}
     assert list(rows) == ["a", "m"]
-    assert (rows["a"].group, rows["m"].group) == ("", "mlp")
+    assert (rows["a"].group, rows["m"].group) == ("attn", "mlp")
     assert {(r.type, r.insertion, r.enabled) for r in rows.values()} == {
         ("LinearAdapter", "output", True)
     }

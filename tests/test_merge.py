@@ -129,6 +129,45 @@ def test_linen_merge_reads_the_host_when_given_inputs(key):
     )
 
 
+@pytest.mark.parametrize("form", ["keyword array", "tuple", "list"])
+def test_linen_merge_inputs_by_keyword(form, key):
+    """``inputs=x`` is one example input (not ``x`` split along its first axis); a tuple or
+    list holds the positional inputs. Each form reads the Einsum that shapes alone cannot."""
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((D, 4, D)), jnp.float32)
+    model = nn.Sequential([nn.Einsum((D, D, K), "btd,hdk->bthk")])
+    adapted = jadapters.adapter_transform(model, "layers_0")
+    adapted = adapted.add_adapter("lora", LoRAConfig(rank=2, alpha=3.0))
+    variables = adapted.init(key, x)
+    variables = {**variables, "adapters": merge_noise(variables["adapters"])}
+    inputs = {"keyword array": x, "tuple": (x,), "list": [x]}[form]
+    merged = jadapters.merge_adapters(adapted, variables, inputs=inputs)
+    np.testing.assert_allclose(
+        model.apply({"params": merged}, x), adapted.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_linen_merge_inputs_as_one_dict_input(key):
+    """A dict given as ``inputs`` is the model's one input, as an array is."""
+
+    class DictInput(nn.Module):
+        @nn.compact
+        def __call__(self, batch):
+            return nn.Dense(3, name="proj")(batch["x"])
+
+    x = jnp.ones((2, D))
+    adapted = jadapters.adapter_transform(DictInput(), "proj")
+    adapted = adapted.add_adapter("lora", LoRAConfig(rank=2))
+    variables = adapted.init(key, {"x": x})
+    variables = {**variables, "adapters": merge_noise(variables["adapters"])}
+    merged = jadapters.merge_adapters(adapted, variables, inputs={"x": x})
+    np.testing.assert_allclose(
+        DictInput().apply({"params": merged}, {"x": x}),
+        adapted.apply(variables, {"x": x}),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_linen_merge_needs_the_variables_of_an_adapted_model(key):
     adapted = jadapters.adapter_transform(nn.Sequential([nn.Dense(D)]), "layers_0")
     adapted = adapted.add_adapter("lora", LoRAConfig(rank=2))

@@ -1,0 +1,162 @@
+"""What docs/LIMITATIONS.md says is refused is refused, with the message it quotes.
+
+Adapters on the layers of a scanned layer stack (Linen ``nn.scan``/``nn.vmap``; NNX layers
+built with ``nnx.vmap`` and run with ``nnx.scan``) are not supported: the error names the
+construct and the workaround, and the same model unrolled into a Python loop adapts fine.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import jadapters
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CFG = jadapters.LinearAdapterConfig(dim=2)
+
+
+# --- Linen: nn.scan and nn.vmap ---------------------------------------------------------------
+
+
+class _LinenLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return nn.Dense(4, name="mlp")(x), None
+
+
+class LinenScanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            _LinenLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        return stack(name="layers")(x, None)[0]
+
+
+class LinenVmapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        ensemble = nn.vmap(
+            _LinenLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=3,
+        )
+        return ensemble(name="layers")(x)[0]
+
+
+class LinenUnrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x, _ = _LinenLayer(name=f"layers_{i}")(x)
+        return x
+
+
+LINEN_MESSAGE = (
+    r"adapter 's' cannot create weights at host 'layers/mlp': the host runs inside a lifted "
+    r"transform \(nn\.scan, nn\.vmap\).*target modules outside the stack, or build the layers "
+    r"in a Python loop"
+)
+
+
+@pytest.mark.parametrize("stack", [LinenScanned, LinenVmapped])
+def test_linen_scan_and_vmap_stacks_are_refused_naming_the_workaround(stack):
+    adapted = jadapters.adapter_transform(stack(), r".*mlp").add_adapter("s", CFG)
+    with pytest.raises(ValueError, match=LINEN_MESSAGE):
+        adapted.init(jax.random.key(0), jnp.ones((2, 4)))
+
+
+def test_linen_unrolled_layers_adapt():
+    adapted = jadapters.adapter_transform(LinenUnrolled(), r".*mlp").add_adapter("s", CFG)
+    variables = adapted.init(jax.random.key(0), jnp.ones((2, 4)))
+    assert sorted(variables["adapters"]) == ["layers_0", "layers_1", "layers_2"]
+
+
+def test_linen_remat_is_not_a_stack():
+    """``nn.remat`` carries every collection: adapters inside it work (no limitation)."""
+
+    class Remat(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.remat(_LinenLayer)(name="layer")(x)[0]
+
+    adapted = jadapters.adapter_transform(Remat(), r".*mlp").add_adapter("s", CFG)
+    variables = adapted.init(jax.random.key(0), jnp.ones((2, 4)))
+    assert adapted.apply(variables, jnp.ones((2, 4))).shape == (2, 4)
+
+
+# --- NNX: nnx.vmap + nnx.scan -------------------------------------------------------------------
+
+
+class _NNXBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.mlp = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.mlp(x)
+
+
+class NNXScanned(nnx.Module):
+    """Flax's recipe for a layer stack: blocks created with nnx.vmap, run with nnx.scan."""
+
+    def __init__(self):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return _NNXBlock(rngs)
+
+        self.layers = create(nnx.Rngs(0))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.layers)
+
+
+class NNXUnrolled(nnx.Module):
+    def __init__(self):
+        self.layers = nnx.List([_NNXBlock(nnx.Rngs(i)) for i in range(3)])
+
+    def __call__(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+NNX_MESSAGE = (
+    r"Linear holds layer-stacked weights \(built with nnx\.vmap, run with nnx\.scan\).*"
+    r"Target modules outside the stack, or build the layers as a list of modules called in "
+    r"a Python loop"
+)
+
+
+@pytest.mark.parametrize("pattern", ["layers/mlp", r".*mlp"])
+def test_nnx_vmap_scan_stack_is_refused_naming_the_workaround(pattern):
+    model = jadapters.adapter_transform(NNXScanned(), pattern)
+    with pytest.raises(ValueError, match=NNX_MESSAGE):
+        model.add_adapter("s", CFG, rngs=nnx.Rngs(1))
+
+
+def test_nnx_unrolled_layers_adapt():
+    model = jadapters.adapter_transform(NNXUnrolled(), r"layers/\d+/mlp")
+    model.add_adapter("s", CFG, rngs=nnx.Rngs(1))
+    assert model(jnp.ones((2, 4))).shape == (2, 4)
+    adapters = nnx.to_pure_dict(nnx.state(model, jadapters.AdapterParam))
+    assert sorted(adapters["layers"]) == [0, 1, 2]
+
+
+def test_the_limitations_page_quotes_these_refusals():
+    text = (ROOT / "docs" / "LIMITATIONS.md").read_text()
+    for construct in ("nn.scan", "nn.vmap", "nnx.vmap", "nnx.scan", "Python loop"):
+        assert construct in text
