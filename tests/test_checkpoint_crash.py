@@ -12,6 +12,7 @@ JAX once, says ``ready`` and waits for its role on stdin, so that the next child
 the parent checks the last one's work.
 """
 
+import gc
 import json
 import os
 import random
@@ -29,6 +30,28 @@ import pytest
 
 import jadapters
 from jadapters.checkpoint import store
+
+# A read that orbax starts and ours abandons (its version was pruned mid-read; we read the new
+# latest instead) leaves orbax's array-reading coroutine to be collected with its NOT_FOUND
+# error never retrieved, or its callback meeting the closed event loop ("Exception ignored in:
+# None" with "Event loop is closed"). Only those reports are expected here; the fixture
+# collects them inside the test that caused them, so none surfaces in a later test.
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in. <coroutine object _read_array"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in. None:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _collect_abandoned_reads():
+    yield
+    gc.collect()
+
 
 TMP = ocp.path.atomicity.TMP_DIR_SUFFIX  # orbax's temporary directory of a step being written
 KILLS = 5
@@ -240,7 +263,6 @@ def test_kills_mid_save_leave_whole_versions_and_no_debris(tmp_path):
 # A read that a prune cuts short inside orbax (then started again) can leave orbax's own
 # coroutines to report their error as "unraisable" when its event loop closes: noise, not a
 # failure of the read, which the counts below check.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_readers_beside_a_writer_get_whole_versions_only(tmp_path):
     """A writer process saves (keep 1) while a reader process and this one load the latest
     version: every read is exactly one saved version, with no error at all."""

@@ -56,6 +56,7 @@ ARRAYS, OPT_STATE, METADATA = "adapters", "opt_state", "metadata"
 FILES = "jadapters_files.json"
 COMMIT = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # orbax's marker, written after the list
 DELETING = "deleting"  # pruned steps, renamed here whole, then removed
+LIST_ATTEMPTS = 3  # listings of an empty-looking directory before it counts as empty
 READ_ATTEMPTS = 8  # reads of a latest version that a save pruned before giving up
 _T = TypeVar("_T")
 
@@ -205,6 +206,10 @@ def read_version(path: str, version: Any, read: Callable[[Any], _T]) -> _T:
     parent, name = os.path.split(path)
     for _ in range(READ_ATTEMPTS):
         listed = steps(path)
+        for _ in range(LIST_ATTEMPTS):  # a listing is not a snapshot: while a save renames the
+            if listed or version is not None:  # new step in and the old one out, one pass over
+                break  # the directory can miss both
+            listed = steps(path)
         step = version if version is not None else (listed[-1] if listed else None)
         # ``path`` may be the directory of one version (``path/<version>``): that one is read.
         own = name.isascii() and name.isdigit() and not listed and int(name) in steps(parent)
