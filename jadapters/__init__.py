@@ -25,6 +25,10 @@ from jadapters.checkpoint import adapter_metadata as adapter_metadata
 from jadapters.checkpoint import load_adapters as load_adapters
 from jadapters.checkpoint import read_adapter_metadata as read_adapter_metadata
 from jadapters.checkpoint import save_adapters as save_adapters
+from jadapters.composition import Average as Average
+from jadapters.composition import BatchSplit as BatchSplit
+from jadapters.composition import Parallel as Parallel
+from jadapters.composition import Stack as Stack
 from jadapters.config import build_adapter as build_adapter
 from jadapters.config import config_from_dict as config_from_dict
 from jadapters.config import config_from_json as config_from_json
@@ -112,6 +116,10 @@ __all__ = [
     "AdapterModuleMixin",
     "AdapterParam",
     "AdapterSet",
+    "Average",
+    "BatchSplit",
+    "Parallel",
+    "Stack",
     "AdapterSpec",
     "AdapterStrategy",
     "LinearAdapter",

@@ -14,6 +14,8 @@ from typing import Any
 
 from flax import nnx
 
+from jadapters.composition import check_members
+
 INSERTIONS = ("output", "parallel", "input", "weight")
 RESERVED_NAMES = ("global_cfg", "adapter_layer", "params", "base", "adapters")
 # NNX keeps a host's adapters as attributes of an ``nnx.Dict``: a name equal to one of its
@@ -37,6 +39,8 @@ class AdapterSpec:
     cfg: Any
     insertion: str
     enabled: bool = True
+    # The composition block of its group that names it (see jadapters.composition), if any.
+    composition: Any = None
 
     @property
     def qualified_name(self) -> str:
@@ -183,8 +187,54 @@ class AdapterSet:
         return AdapterSet(self.specs + (spec,))
 
     def remove(self, name: str) -> AdapterSet:
+        """A new set without adapter ``name``; a composition block naming it is cleared."""
         spec = self._require(name)
-        return AdapterSet(tuple(s for s in self.specs if s is not spec))
+        block = spec.composition
+        return AdapterSet(
+            tuple(
+                dataclasses.replace(s, composition=None)
+                if block is not None and s.composition == block
+                else s
+                for s in self.specs
+                if s is not spec
+            )
+        )
+
+    def compositions(self) -> dict[str, Any]:
+        """``{group: block}`` of the groups with a composition block."""
+        return {s.group: s.composition for s in self.specs if s.composition is not None}
+
+    def set_composition(self, group: str, block: Any) -> AdapterSet:
+        """A new set in which ``block`` (``None``: no block, the chain) composes the adapters
+        of ``group`` it names (see :mod:`jadapters.composition`).
+
+        Raises:
+          ValueError: for a block that is none of the composition blocks, an adapter it names
+            that is unknown or of another group, or members in different stages.
+        """
+        check_group_name(group)
+        if block is not None:
+            check_members(group, block, self.specs)
+        return AdapterSet(
+            tuple(
+                dataclasses.replace(
+                    s, composition=block if block is not None and s.name in block.adapters else None
+                )
+                if s.group == group
+                else s
+                for s in self.specs
+            )
+        )
+
+    def with_composition(self, name: str, block: Any) -> AdapterSet:
+        """A new set with adapter ``name``'s block set to ``block``, unchecked (front-ends copy
+        a model-level declaration to their hosts with it)."""
+        return AdapterSet(
+            tuple(
+                dataclasses.replace(s, composition=block) if s.name == name else s
+                for s in self.specs
+            )
+        )
 
     def _require(self, name: str) -> AdapterSpec:
         if not self.specs:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters._adapter_set import AdapterSpec
+from jadapters.composition import Average, BatchSplit, Parallel, Stack
 from jadapters.kernels import KernelLayout
 from jadapters.registry import build_adapter
 from jadapters.strategies import StrategyOutput, as_strategy_output, requires_key
@@ -186,6 +187,99 @@ def _feed(spec: AdapterSpec, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax
     return y, y
 
 
+def _run_one(
+    spec: AdapterSpec,
+    io: HostIO,
+    x: jax.Array,
+    y: jax.Array | None,
+    layout: list,
+    *,
+    training: bool,
+    losses: dict[str, jax.Array],
+) -> jax.Array | None:
+    """Runs adapter ``spec`` alone at a host with input ``x`` and output ``y`` (``None`` before
+    the host). Returns its new stream (the input for an input adapter, else the output), or
+    ``None`` for a disabled adapter, whose weights are only visited. ``layout`` caches the
+    host's kernel layout (one item at most)."""
+    module = build_adapter(spec.cfg)
+    if spec.insertion == "weight":
+        if not layout:
+            layout.append(io.layout())
+        sample = jax.ShapeDtypeStruct((1, layout[0].in_features), x.dtype)
+        params = io.weights(spec, module, sample, layout[0].out_features)
+        inputs, stream = x, y
+    else:
+        inputs, stream = _feed(spec, x, y)
+        out_features = stream.shape[-1] if getattr(module, "needs_out_features", False) else None
+        sample = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)
+        params = io.weights(spec, module, sample, out_features)
+    if not spec.enabled:
+        return None
+    key = io.key(spec) if needs_key(module, training) else None
+    result = run_adapter(
+        module,
+        params,
+        inputs,
+        stream=stream,
+        training=training,
+        key=key,
+        layout=layout[0] if spec.insertion == "weight" else None,
+    )
+    if result.aux_loss is not None:
+        losses[spec.name] = losses.get(spec.name, 0.0) + result.aux_loss
+    return result.output
+
+
+def _run_block(
+    block: Any,
+    members: dict[str, AdapterSpec],
+    io: HostIO,
+    x: jax.Array,
+    y: jax.Array | None,
+    layout: list,
+    *,
+    training: bool,
+    losses: dict[str, jax.Array],
+) -> jax.Array:
+    """Runs composition ``block`` over ``members`` (its adapters at this host, by name) on the
+    stream (``y``, or ``x`` before the host); returns the new stream. The formulas are in
+    :mod:`jadapters.composition`."""
+    is_input = y is None
+
+    def one(name: str, xs: jax.Array, ys: jax.Array | None) -> jax.Array | None:
+        spec = members.get(name)
+        if spec is None:
+            return None
+        return _run_one(spec, io, xs, ys, layout, training=training, losses=losses)
+
+    if isinstance(block, Stack):
+        for name in block.adapters:
+            out = one(name, x, y)
+            if out is not None:
+                x, y = (out, None) if is_input else (x, out)
+        return x if is_input else y
+    s = x if is_input else y
+    if isinstance(block, BatchSplit):
+        block.check_batch(s.shape[0])
+        parts, start = [], 0
+        for name, size in zip(block.adapters, block.sizes, strict=True):
+            rows = slice(start, start + size)
+            out = one(name, x[rows], None if is_input else y[rows])
+            parts.append(s[rows] if out is None else out)
+            start += size
+        return jnp.concatenate(parts, axis=0)
+    outs = {name: one(name, x, y) for name in block.adapters}
+    outs = {name: out for name, out in outs.items() if out is not None}
+    if not outs:
+        return s
+    if isinstance(block, Parallel):
+        return s + sum(out - s for out in outs.values())
+    if isinstance(block, Average):
+        weights = dict(zip(block.adapters, block.normalized_weights(list(outs)), strict=True))
+        return sum(jnp.asarray(weights[n], out.dtype) * out for n, out in outs.items())
+    raise ValueError(f"unknown composition block {block!r}.")
+
+
 def run_stage(
     insertions: Sequence[str],
     specs: Sequence[AdapterSpec],
@@ -200,43 +294,31 @@ def run_stage(
 
     ``x`` is the host's input and ``y`` its output (``None`` for the input stage). Returns
     the new stream: the input for the input stage, else the output. Auxiliary losses are
-    added to ``losses`` by adapter name.
+    added to ``losses`` by adapter name. The adapters of a composition block
+    (``spec.composition``) run together, as the block says, at the chain position of the
+    first of them.
     """
-    layout = None
-    for spec in specs:
-        if spec.insertion not in insertions or not (spec.enabled or io.creates_weights):
+    layout: list = []
+    stage = [s for s in specs if s.insertion in insertions and (s.enabled or io.creates_weights)]
+    done: set[str] = set()
+    for spec in stage:
+        if spec.name in done:
             continue
-        module = build_adapter(spec.cfg)
-        if spec.insertion == "weight":
-            layout = layout or io.layout()
-            sample = jax.ShapeDtypeStruct((1, layout.in_features), x.dtype)
-            params = io.weights(spec, module, sample, layout.out_features)
-            inputs, stream = x, y
+        block = spec.composition
+        if block is None:
+            out = _run_one(spec, io, x, y, layout, training=training, losses=losses)
         else:
-            inputs, stream = _feed(spec, x, y)
-            out_features = (
-                stream.shape[-1] if getattr(module, "needs_out_features", False) else None
-            )
-            sample = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)
-            params = io.weights(spec, module, sample, out_features)
-        if not spec.enabled:
+            members = {
+                s.name: s for s in stage if s.composition == block and s.name in block.adapters
+            }
+            done.update(members)
+            out = _run_block(block, members, io, x, y, layout, training=training, losses=losses)
+        if out is None:
             continue
-        key = io.key(spec) if needs_key(module, training) else None
-        result = run_adapter(
-            module,
-            params,
-            inputs,
-            stream=stream,
-            training=training,
-            key=key,
-            layout=layout if spec.insertion == "weight" else None,
-        )
-        if result.aux_loss is not None:
-            losses[spec.name] = losses.get(spec.name, 0.0) + result.aux_loss
         if spec.insertion == "input":
-            x = result.output
+            x = out
         else:
-            y = result.output
+            y = out
     return x if y is None else y
 
 

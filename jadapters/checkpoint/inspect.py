@@ -68,6 +68,12 @@ def render(data: dict[str, Any]) -> str:
         f"total: {len(data['adapters'])} adapters, {data['param_count']:,} parameters, "
         f"{data['param_bytes']:,} bytes"
     )
+    for c in data.get("compositions", []):
+        block = {k: v for k, v in c["block"].items() if k != "type"}
+        lines.append(
+            f"composition of group {c['group']!r}: {c['block']['type']} "
+            f"{json.dumps(block, sort_keys=True)}"
+        )
     for a in data["adapters"]:
         lines += ["", f"{a['name']}: {json.dumps(a['config'], sort_keys=True)}"]
         for host in a["hosts"]:

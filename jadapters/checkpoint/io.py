@@ -359,4 +359,19 @@ def load_adapters(
     if shardings is None:
         # Uncommitted, like arrays from init: a function compiled on those runs these as is.
         loaded = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), loaded)
-    return view.insert([AdapterWeights(e.spec(), loaded[e.name]) for e in entries], rngs=rngs)
+    result = view.insert([AdapterWeights(e.spec(), loaded[e.name]) for e in entries], rngs=rngs)
+    return _restore_compositions(result, meta.compositions, names)
+
+
+def _restore_compositions(result: Any, compositions: Any, names: Sequence[str]) -> Any:
+    """Declares again the saved composition blocks whose adapters were all loaded, through the
+    model's own ``set_composition`` (a new model in Linen's ``(model, variables)``; NNX changes
+    the model in place)."""
+    for group, block in compositions:
+        if not set(block.adapters) <= set(names):
+            continue
+        if isinstance(result, tuple):
+            result = (result[0].set_composition(group, block), *result[1:])
+        else:
+            result.set_composition(group, block)
+    return result

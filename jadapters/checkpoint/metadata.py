@@ -30,6 +30,7 @@ import numpy as np
 
 from jadapters._adapter_set import INSERTIONS, AdapterSpec, check_name
 from jadapters._version import __version__
+from jadapters.composition import composition_from_dict, composition_to_dict
 from jadapters.config import config_from_dict, config_to_dict
 
 FORMAT_NAME = "jadapters.adapter_checkpoint"
@@ -92,6 +93,8 @@ class CheckpointMetadata:
     library_version: str
     format_version: int = FORMAT_VERSION
     base_content: bool = False  # the fingerprint records each base parameter's SHA-256
+    # ((group, composition block), ...) of the saved adapters' groups; optional in files.
+    compositions: tuple[tuple[str, Any], ...] = ()
 
     def get(self, name: str) -> AdapterEntry | None:
         for entry in self.adapters:
@@ -186,7 +189,19 @@ def build_metadata(
                 "are not fully held by this process (a multi-process sharding). Save from a "
                 "process that holds the base whole, or save without base_content."
             )
-    return CheckpointMetadata(entries, prints, framework, __version__, base_content=base_content)
+    compositions = tuple(
+        dict.fromkeys(
+            (spec.group, spec.composition) for spec, _ in adapters if spec.composition is not None
+        )
+    )
+    return CheckpointMetadata(
+        entries,
+        prints,
+        framework,
+        __version__,
+        base_content=base_content,
+        compositions=compositions,
+    )
 
 
 # ---- JSON ------------------------------------------------------------------------------------
@@ -241,6 +256,15 @@ def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
         "base_fingerprint": fingerprint_json(meta.fingerprint),
         "base_fingerprint_sha256": fingerprint_digest(meta.fingerprint),
         "base_content": meta.base_content,
+        **(
+            {
+                "compositions": [
+                    {"group": g, "block": composition_to_dict(b)} for g, b in meta.compositions
+                ]
+            }
+            if meta.compositions
+            else {}
+        ),
     }
 
 
@@ -409,6 +433,19 @@ def from_json(
                 "metadata['base_fingerprint_sha256'] is not the digest of "
                 "metadata['base_fingerprint']"
             )
+        compositions = []
+        if not isinstance(data.get("compositions", []), list):
+            raise _Malformed(
+                f"metadata['compositions'] must be a list, got {_short(data['compositions'])}"
+            )
+        for i, item in enumerate(data.get("compositions", [])):
+            where = f"metadata['compositions'][{i}]"
+            group = _need(item, "group", str, where)
+            try:
+                block = composition_from_dict(item.get("block"))
+            except ValueError as err:
+                raise _Malformed(f"{where}['block']: {err}") from None
+            compositions.append((group, block))
         return CheckpointMetadata(
             tuple(entries),
             prints,
@@ -416,6 +453,7 @@ def from_json(
             _need(data, "library_version", str, "metadata"),
             version,
             base_content,
+            tuple(compositions),
         )
     except _Malformed as err:
         raise ValueError(
