@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import flax.core.meta
 import jax
 
 import jadapters._checks as _checks
@@ -87,3 +88,99 @@ class AdapterMath:
             continues a sentence whose subject is the adapter.
         """
         raise ValueError("cannot be folded into a kernel.")
+
+
+# ---- partitioning: adapter weights follow their host kernel's axis names -----------------
+
+# ``rule(host_path, adapter_name, param_path, derived) -> names``: overrides the derived
+# axis names of one adapter weight (``param_path`` as in ``weight_axes``, e.g. ``"a"`` or
+# ``"down/kernel"``; ``derived`` a tuple of one name or ``None`` per axis).
+ShardingRule = Callable[[str, str, str, tuple[Any, ...]], Sequence[Any]]
+
+
+def unbox(tree: Any) -> Any:
+    """``tree`` with flax's axis metadata boxes (``nn.Partitioned``, ...) replaced by their
+    values; anything else as it is.
+
+    >>> import flax.linen as nn, jax.numpy as jnp
+    >>> unbox({"kernel": nn.Partitioned(jnp.ones(2), names=("mlp",))})["kernel"].shape
+    (2,)
+    """
+    return flax.core.meta.unbox(tree)
+
+
+def is_box(x: Any) -> bool:
+    return isinstance(x, flax.core.meta.AxisMetadata)
+
+
+def _flat_name(names: Sequence[Any], dims: Sequence[int]) -> Any:
+    """The axis name of kernel axes ``dims`` flattened into one: the leading axis's name
+    when only it is named (flattening keeps a split of the leading axis), else ``None``."""
+    named = [names[d] for d in dims]
+    if not named or any(n is not None for n in named[1:]):
+        return None
+    return named[0]
+
+
+def derive_weight_names(
+    module: Any,
+    params: Any,
+    kernel_names: Sequence[Any],
+    in_dims: Sequence[int],
+    insertion: str,
+) -> Any:
+    """The axis names of each of ``module``'s ``params``, derived from its host kernel's.
+
+    ``kernel_names`` has one name (or ``None``) per kernel axis; ``in_dims`` are the kernel
+    axes that meet the host's input. Through the type's ``weight_axes``: ``"in"`` takes the
+    kernel's input-axis name, ``"out"`` its output-axis name, ``"features"`` the name of the
+    axis the adapter sits on (the kernel's first input axis for an input adapter, its last
+    axis otherwise), and ``"rank"``/``"bottleneck"`` (or a weight not in the schema) ``None``:
+    replicated. Returns a tree like ``params`` with a tuple of names per leaf.
+
+    >>> from jadapters.adapters.lora import LoRA
+    >>> import jax.numpy as jnp
+    >>> params = {"a": jnp.zeros((4, 2)), "b": jnp.zeros((2, 8))}
+    >>> derive_weight_names(LoRA(2), params, ("embed", "mlp"), (0,), "weight")
+    {'a': ('embed', None), 'b': (None, 'mlp')}
+    """
+    names = tuple(kernel_names)
+    out_dims = [d for d in range(len(names)) if d not in in_dims]
+    roles = {
+        "in": _flat_name(names, in_dims),
+        "out": _flat_name(names, out_dims),
+        "features": names[in_dims[0]] if insertion == "input" and in_dims else names[-1],
+    }
+    schema = getattr(module, "weight_axes", {})
+
+    def leaf(path: Any, value: Any) -> tuple[Any, ...]:
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        axes = schema.get(key)
+        if axes is None or len(axes) != value.ndim:
+            return (None,) * value.ndim
+        return tuple(roles.get(a) for a in axes)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def apply_rule(rule: ShardingRule | None, host: str, adapter: str, params: Any, names: Any) -> Any:
+    """``names`` (a tree like ``params``) with ``rule`` applied to each weight.
+
+    Raises:
+      ValueError: if the rule returns names of the wrong length.
+    """
+    if rule is None:
+        return names
+
+    def leaf(path: Any, value: Any, derived: tuple[Any, ...]) -> tuple[Any, ...]:
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        out = tuple(rule(host, adapter, key, derived))
+        if len(out) != value.ndim:
+            raise ValueError(
+                f"the sharding rule returned {out} for weight {key!r} of adapter {adapter!r} "
+                f"at host {host!r}, which has {value.ndim} axes; return one name (or None) "
+                "per axis."
+            )
+        return out
+
+    return jax.tree_util.tree_map_with_path(leaf, params, names)

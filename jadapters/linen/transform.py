@@ -24,6 +24,7 @@ from jadapters._adapter_set import (
     check_insertion,
     split_qualified_name,
 )
+from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, unbox
 from jadapters.kernels import kernel_layout
 from jadapters.linen.view import LinenView, ambiguous_position
 from jadapters.losses import AUX_LOSS_COLLECTION
@@ -68,6 +69,9 @@ class AdaptedLinen(nn.Module):
         targets declare one.
       adapters: the adapters, in chain order.
       accepted_types: adapter types allowed; empty means any registered type.
+      sharding: ``None``, or a rule ``rule(host_path, adapter_name, param_path, derived) ->
+        names`` that overrides the axis names an adapter weight gets from its host's boxed
+        kernel (:meth:`with_sharding`).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jadapters
     >>> base = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
@@ -92,6 +96,7 @@ class AdaptedLinen(nn.Module):
     groups: tuple[tuple[str, tuple[Target, ...]], ...]
     adapters: AdapterSet = AdapterSet()
     accepted_types: tuple[type, ...] = ()
+    sharding: Any = None
 
     @property
     def model(self) -> nn.Module:
@@ -128,9 +133,26 @@ class AdaptedLinen(nn.Module):
         """Returns a new model with one adapter (or all, for ``name=None``) (dis)abled."""
         return self.clone(adapters=self.adapters.set_enabled(name, enabled))
 
+    def set_composition(self, group: str, block: Any) -> AdaptedLinen:
+        """Returns a new model whose adapters of ``group`` named by ``block`` (a
+        :mod:`jadapters.composition` block; ``None``: the plain chain) run as it says."""
+        return self.clone(adapters=self.adapters.set_composition(group, block))
+
     def remove_adapter(self, name: str) -> AdaptedLinen:
         """Returns a new model without adapter ``name`` (drop its weights yourself)."""
         return self.clone(adapters=self.adapters.remove(name))
+
+    def with_sharding(self, rule: Any) -> AdaptedLinen:
+        """Returns a new model whose adapter weights take their axis names from ``rule``.
+
+        At a host whose kernel is boxed (``nn.with_partitioning``), each adapter weight is
+        created boxed like the kernel, with axis names derived from the kernel's (LoRA ``a``:
+        the kernel's input axis and ``None``; ``b``: ``None`` and its output axis; IA3 and
+        bottlenecks: the axis they sit on). ``rule(host_path, adapter_name, param_path,
+        derived)`` returns the names to use instead (one per axis; ``derived`` to keep them).
+        Hosts with plain kernels are unaffected. ``None`` removes the rule.
+        """
+        return self.clone(sharding=rule)
 
     def set_accepted_adapter_types(self, types) -> AdaptedLinen:
         """Returns a new model that accepts only adapters of ``types`` (config or module
@@ -215,7 +237,7 @@ class AdaptedLinen(nn.Module):
                 path = _host_path(module)
                 specs = self._host_specs(path, module, context.method_name)
                 if any(s.insertion == "weight" for s in specs):
-                    kernel = module.scope.get_variable("params", "kernel")
+                    kernel = unbox(module.scope.get_variable("params", "kernel"))
                     shape = None if kernel is None else tuple(kernel.shape)
                     layouts[path] = kernel_layout(module, shape)
             return out
@@ -263,7 +285,9 @@ class AdaptedLinen(nn.Module):
             clash = ambiguous_position(path, wrapper.adapters, wrapper.groups)
             if clash is not None:
                 raise ValueError(clash)
-            return _run_host(module, path, specs, next_fun, args, kwargs, adapter_train)
+            return _run_host(
+                module, path, specs, next_fun, args, kwargs, adapter_train, wrapper.sharding
+            )
 
         return intercept
 
@@ -320,6 +344,7 @@ class _LinenIO:
 
     module: nn.Module
     path: str
+    rule: Any = None
 
     @property
     def creates_weights(self) -> bool:
@@ -328,7 +353,7 @@ class _LinenIO:
     def weights(self, spec: AdapterSpec, adapter: Any, sample: Any, out_features) -> Any:
         scope = self.module.scope
         if scope.has_variable(ADAPTER_COLLECTION, spec.name):
-            return scope.get_variable(ADAPTER_COLLECTION, spec.name)
+            return unbox(scope.get_variable(ADAPTER_COLLECTION, spec.name))
         if not scope.is_mutable_collection(ADAPTER_COLLECTION):
             if _in_lifted_transform(self.module):
                 raise ValueError(
@@ -346,19 +371,34 @@ class _LinenIO:
         kwargs = {} if out_features is None else {"out_features": out_features}
         zeros = jnp.zeros(sample.shape, sample.dtype)
         params = adapter.init(self.module.make_rng("params"), zeros, **kwargs)["params"]
-        scope.put_variable(ADAPTER_COLLECTION, spec.name, params)
+        scope.put_variable(ADAPTER_COLLECTION, spec.name, self._boxed(spec, adapter, params))
         return params
+
+    def _boxed(self, spec: AdapterSpec, adapter: Any, params: Any) -> Any:
+        """``params`` boxed like the host's kernel, with axis names derived from its; as they
+        are when the kernel is not boxed with axis names."""
+        kernel = self.module.scope.get_variable("params", "kernel")
+        names = getattr(kernel, "names", None)
+        if not is_box(kernel) or names is None:
+            return params
+        try:
+            in_dims = self.layout().in_dims
+        except ValueError:  # not a Dense-like host: its input axes are unknown
+            in_dims = (0,)
+        derived = derive_weight_names(adapter, params, names, in_dims, spec.insertion)
+        derived = apply_rule(self.rule, self.path, spec.name, params, derived)
+        return jax.tree.map(lambda v, n: kernel.replace(value=v, names=n), params, derived)
 
     def key(self, spec: AdapterSpec) -> jax.Array | None:
         return self.module.make_rng("dropout") if self.module.has_rng("dropout") else None
 
     def layout(self):
-        kernel = self.module.scope.get_variable("params", "kernel")
+        kernel = unbox(self.module.scope.get_variable("params", "kernel"))
         return kernel_layout(self.module, None if kernel is None else tuple(kernel.shape))
 
 
-def _run_host(module, path, specs, next_fun, args, kwargs, adapter_train):
-    io = _LinenIO(module, path)
+def _run_host(module, path, specs, next_fun, args, kwargs, adapter_train, rule=None):
+    io = _LinenIO(module, path, rule)
     y, losses = run_host(next_fun, args, kwargs, specs, io, training=adapter_train)
     for name, loss in losses.items():
         module.sow(AUX_LOSS_COLLECTION, name, loss, reduce_fn=_add, init_fn=_zero)

@@ -19,6 +19,7 @@ import flax.core
 import jax
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
+from jadapters.adapters.base import is_box, unbox
 from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.targets import Target, path_str, pattern_matches
 from jadapters.view import FROZEN, TRAINABLE, AdapterWeights
@@ -123,6 +124,20 @@ def _plain(tree: Any) -> Any:
     return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
 
 
+def _rebox(old: Any, new: Any) -> Any:
+    """``new`` in the axis metadata boxes of ``old`` (``nn.Partitioned``, ...) where ``old``
+    has them in the same structure; ``new`` as it is otherwise."""
+    if old is None or not any(is_box(x) for x in jax.tree.leaves(old, is_leaf=is_box)):
+        return new
+    old_leaves, treedef = jax.tree.flatten(old, is_leaf=is_box)
+    new_leaves, new_def = jax.tree.flatten(new)
+    if len(old_leaves) != len(new_leaves) or treedef != new_def:
+        return new
+    pairs = zip(old_leaves, new_leaves, strict=True)
+    boxed = [o.replace_boxed(n) if is_box(o) else n for o, n in pairs]
+    return jax.tree.unflatten(treedef, boxed)
+
+
 def _subtree(tree: Any, path: str) -> Any:
     node = tree
     for key in path.split("/") if path else ():
@@ -198,7 +213,7 @@ class LinenView:
         found = adapter_subtrees(adapters, self._is_site())
         return {
             spec.name: {
-                host: _plain(value)
+                host: unbox(_plain(value))
                 for host, value in found.get(spec.name, {}).items()
                 if isinstance(value, Mapping)
             }
@@ -218,7 +233,7 @@ class LinenView:
         return out
 
     def host_base(self, path: str) -> Any:
-        return _plain(_subtree(self.variables["params"], path)) or {}
+        return unbox(_plain(_subtree(self.variables["params"], path))) or {}
 
     def base_params(self) -> Any:
         return self.variables["params"]
@@ -232,7 +247,9 @@ class LinenView:
         params = _plain(dict(self.variables["params"]))
         for path, new in hosts.items():
             keys = path.split("/")
-            params = _set_in(params, keys, {**_subtree(params, path), **new})
+            old = _subtree(params, path)
+            new = {k: _rebox(old.get(k), v) for k, v in new.items()}
+            params = _set_in(params, keys, {**old, **new})
         return params
 
     def labels(self) -> dict:
@@ -296,7 +313,9 @@ class LinenView:
         for item in loaded:
             spec = item.spec
             existing = model.adapters.get(spec.name)
+            boxes: dict[str, Any] = {}
             if existing is not None:
+                boxes = {h: _subtree(adapters, f"{h}/{spec.name}") for h in item.hosts}
                 for host in self._found(adapters, [existing])[existing.name]:
                     adapters = _drop_in(adapters, _keys(host, existing.name))
                 # Validate through the public API, then keep the old chain position.
@@ -310,5 +329,6 @@ class LinenView:
                 model = model.add_adapter(spec.qualified_name, spec.cfg, insertion=spec.insertion)
             model = model.set_enabled_adapters(spec.name, spec.enabled)
             for host, params in item.hosts.items():
+                params = _rebox(boxes.get(host), params)
                 adapters = _set_in(adapters, _keys(host, spec.name), params)
         return model, {**variables, ADAPTER_COLLECTION: adapters}

@@ -25,6 +25,7 @@ from jadapters._adapter_set import (
     check_name,
     split_qualified_name,
 )
+from jadapters.adapters.base import derive_weight_names
 from jadapters.kernels import kernel_layout
 from jadapters.nnx.shell import NNXAdapter
 from jadapters.nnx.view import NNXView
@@ -184,6 +185,23 @@ class _NNXHostIO:
         return getattr(self.host, NNX_ADAPTER_ATTR)[name]
 
 
+def _names_rule(host: Any, adapter: Any, insertion: str):
+    """``params -> axis names`` derived from ``host``'s kernel's ``out_sharding`` metadata;
+    ``None`` when the kernel has none (the adapter's weights then carry no sharding)."""
+    kernel = getattr(host, "kernel", None)
+    if not isinstance(kernel, nnx.Variable):
+        return None
+    names = kernel.get_metadata().get("out_sharding")
+    if names is None or isinstance(names, jax.sharding.NamedSharding):
+        return None
+    names = tuple(names)
+    try:
+        in_dims = kernel_layout(host).in_dims
+    except ValueError:  # not a Dense-like host: its input axes are unknown
+        in_dims = (0,)
+    return lambda params: derive_weight_names(adapter, params, names, in_dims, insertion)
+
+
 def _adapter_mode(root: Any) -> bool | None:
     """``deterministic`` of the first adapter under ``root``, or ``None`` if it has none."""
     for _, node in nnx.iter_graph(root):
@@ -313,7 +331,14 @@ class AdapterModuleMixin:
                 f"cannot infer the input width of adapter {bare!r} on {type(self).__name__}: "
                 "pass in_features=... to add_adapter or set it in the config."
             )
-        shell = NNXAdapter(cfg, (1, features), rngs=rngs, dtype=dtype, out_features=out_features)
+        shell = NNXAdapter(
+            cfg,
+            (1, features),
+            rngs=rngs,
+            dtype=dtype,
+            out_features=out_features,
+            names=_names_rule(self, build_adapter(cfg), insertion),
+        )
         return shell, new_set
 
     def _attach_adapter(self, shell: NNXAdapter, new_set: AdapterSet, mode=None) -> None:
@@ -644,6 +669,19 @@ class AdapterModelMixin:
             for host in self._group_modules(spec.group):
                 host.set_enabled_adapters(spec.name, spec.enabled)
         self._model_adapters_spec = new_set
+
+    def set_composition(self, group: str, block: Any) -> None:
+        """Makes the adapters of ``group`` named by ``block`` (a :mod:`jadapters.composition`
+        block; ``None``: the plain chain) run as it says, at every host of the group."""
+        specs = self.get_adapter_specs().set_composition(group, block)
+        for spec in specs:
+            if spec.group == group:
+                for host in self._group_modules(group):
+                    host._set_adapter_set(
+                        host._adapter_set().with_composition(spec.name, spec.composition)
+                    )
+        model_names = set(self._model_adapter_set().names())
+        self._model_adapters_spec = AdapterSet(tuple(s for s in specs if s.name in model_names))
 
     def get_enabled_adapters(self) -> list[str]:
         """Names of the enabled adapters across all modules (those added on a module itself

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import flax.core.meta
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,6 +37,9 @@ class NNXAdapter(nnx.Module):
         ``dropout`` stream (needed for dropout or stochastic depth in training).
       dtype: dtype of the example input used for initialization.
       out_features: output width, for adapters that need it (parallel adapters, LoRA).
+      names: ``None``, or a function ``names(params) -> tree of axis-name tuples`` whose
+        result becomes each weight's ``out_sharding`` metadata (so
+        ``nnx.get_partition_spec`` returns it).
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -54,6 +58,7 @@ class NNXAdapter(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Any = jnp.float32,
         out_features: int | None = None,
+        names: Any = None,
     ):
         self.cfg = config_of(cfg)
         module = build_adapter(self.cfg)
@@ -73,7 +78,11 @@ class NNXAdapter(nnx.Module):
                 f"adapter {type(module).__name__} creates collections {extra}; only 'params' "
                 "are supported in adapters."
             )
-        self.params = nnx.data(jax.tree.map(AdapterParam, dict(variables["params"])))
+        params = dict(variables["params"])
+        if names is None:
+            self.params = nnx.data(jax.tree.map(AdapterParam, params))
+        else:
+            self.params = nnx.data(jax.tree.map(_sharded_param, params, names(params)))
         self.deterministic = False
         # A stream only where the config can draw from it (dropout, stochastic depth): an
         # adapter that never draws keys carries no RNG state.
@@ -136,6 +145,16 @@ class NNXAdapter(nnx.Module):
             self.aux_loss = AdapterLoss(loss)
         else:
             current.set_value(current.get_value() + loss)
+
+
+def _sharded_param(value: jax.Array, names: tuple[Any, ...]) -> AdapterParam:
+    """An :class:`AdapterParam` with ``out_sharding`` metadata ``names``; placed on the mesh
+    when one is set and NNX shards eagerly (as the host's kernel was), else only annotated."""
+    if flax.core.meta.get_global_mesh() is not None and nnx.using_eager_sharding():
+        return AdapterParam(value, out_sharding=names)
+    param = AdapterParam(value)
+    param.set_metadata(out_sharding=names)
+    return param
 
 
 def _add(a, b):
