@@ -26,5 +26,12 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def check_activation(name: str, *, argument: str = "activation") -> None:
-    if name not in ACTIVATIONS:
+    """Raises a ``ValueError`` naming ``argument`` unless ``name`` is a known activation.
+
+    >>> check_activation(["relu"])
+    Traceback (most recent call last):
+    ...
+    ValueError: activation must be one of [...], got ['relu'].
+    """
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(f"{argument} must be one of {sorted(ACTIVATIONS)}, got {name!r}.")
