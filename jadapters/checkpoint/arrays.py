@@ -65,8 +65,11 @@ def abstract_tree(meta: md.CheckpointMetadata, names: list[str]) -> dict:
 def place(abstract: Any, shardings: Any) -> Any:
     """Gives every ``ShapeDtypeStruct`` in ``abstract`` (``{name: {host: params}}``) a sharding.
 
-    ``shardings`` is ``None`` (the default device), one ``jax.sharding.Sharding`` for all, or
-    a pytree of them matching ``abstract`` or a prefix of it (e.g. ``{name: sharding}``).
+    ``shardings`` is ``None`` (the default device), one ``jax.sharding.Sharding`` for all, a
+    pytree of them matching ``abstract`` or a prefix of it (e.g. ``{name: sharding}``), or a
+    callable ``shardings(name, host, param, x) -> Sharding`` asked once per array: ``host``
+    is the host path, ``param`` the parameter's path in its adapter (``"a"``,
+    ``"down/kernel"``), both ``/``-joined, and ``x`` its ``jax.ShapeDtypeStruct``.
 
     Raises:
       ValueError: for a tree that does not match, a leaf that is not a ``Sharding``, or a
@@ -78,16 +81,26 @@ def place(abstract: Any, shardings: Any) -> Any:
     def is_sharding(x):
         return isinstance(x, jax.sharding.Sharding)
 
-    try:
-        per_leaf = jax.tree.map(
-            lambda s, sub: jax.tree.map(lambda _: s, sub), shardings, abstract, is_leaf=is_sharding
+    if callable(shardings) and not is_sharding(shardings):
+        ask = shardings
+        per_leaf = jax.tree_util.tree_map_with_path(
+            lambda path, x: ask(*(md.key_str(k) for k in path[:2]), _joined(path[2:]), x),
+            abstract,
         )
-    except ValueError as err:
-        raise ValueError(
-            "shardings must be one jax.sharding.Sharding or a pytree matching the adapter tree "
-            "{name: {host path: params}} (see jadapters.abstract_adapters) or a prefix of it; "
-            f"the structures differ: {err}"
-        ) from None
+    else:
+        try:
+            per_leaf = jax.tree.map(
+                lambda s, sub: jax.tree.map(lambda _: s, sub),
+                shardings,
+                abstract,
+                is_leaf=is_sharding,
+            )
+        except ValueError as err:
+            raise ValueError(
+                "shardings must be one jax.sharding.Sharding, a callable (name, host, param, x) "
+                "-> Sharding, or a pytree matching the adapter tree {name: {host path: params}} "
+                f"(see jadapters.abstract_adapters) or a prefix of it; the structures differ: {err}"
+            ) from None
 
     def one(path, x, sharding):
         where = _where(*(md.key_str(k) for k in path))
@@ -102,6 +115,10 @@ def place(abstract: Any, shardings: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return jax.tree_util.tree_map_with_path(one, abstract, per_leaf)
+
+
+def _joined(path: Sequence[Any]) -> str:
+    return "/".join(md.key_str(k) for k in path)
 
 
 def _where(name: str, host: str, *param: str) -> str:

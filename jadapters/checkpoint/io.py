@@ -289,9 +289,14 @@ def load_adapters(
       name: ``None`` loads exactly what was saved; an exact name (a bare name resolves to its
         group through the metadata) or a list of them loads those.
       replace: overwrite adapters of the same name already in the model; else that is an error.
-      shardings: where the arrays go: ``None`` (the default device), one
-        ``jax.sharding.Sharding`` for all, or a pytree of them matching
-        :func:`abstract_adapters` (``{name: {host path: params}}``) or a prefix of it.
+      shardings: where the arrays go, on any mesh or device (not only the one they were
+        saved from): ``None`` (uncommitted arrays on the default device), one
+        ``jax.sharding.Sharding`` for all, a pytree of them matching
+        :func:`abstract_adapters` (``{name: {host path: params}}``) or a prefix of it, or a
+        callable ``shardings(name, host, param, x) -> Sharding`` asked once per array
+        (``host`` and ``param`` ``/``-joined paths, e.g. ``"up"`` and ``"a"``; ``x`` its
+        ``jax.ShapeDtypeStruct``), e.g. to look each array up in the partition specs of the
+        target model.
       check_base: what of the base at the adapters' hosts to check against the checkpoint's
         fingerprint. ``True`` (default): its structure (parameter names, shapes, dtypes),
         and its content (each parameter's SHA-256) when the checkpoint recorded it
