@@ -111,6 +111,12 @@ def normalize_targets(targets: TargetsLike) -> tuple[tuple[str, tuple[Target, ..
         groups = []
         for group, value in targets.items():
             check_group_name(group)
+            if "/" in group:  # NNX names a module's own adapters' group by its path ("a/0/b")
+                raise ValueError(
+                    f"target group names must not contain '/', got {group!r}: a group named "
+                    "like a module path would clash with the adapters added on that module "
+                    "(NNX names their group by the module's path). Rename the group."
+                )
             groups.append((group, _as_rules(value, group, targets)))
         groups.sort(key=lambda g: g[0] != "")
         return tuple(groups)

@@ -126,7 +126,7 @@ def test_every_attribute_of_the_nnx_adapter_container_is_refused():
 
 # --- group names ------------------------------------------------------------------------------
 
-_group_names = st.text(max_size=8).filter(lambda g: ":" not in g)
+_group_names = st.text(max_size=8).filter(lambda g: ":" not in g and "/" not in g)
 
 
 @given(group=_group_names, name=_accepted_names)
@@ -145,6 +145,15 @@ def test_a_group_name_with_a_colon_is_refused_at_the_transform(group):
         ) as err:
             _adapt(fe, {group: "layers#0"})
         assert repr(group) in str(err.value)
+
+
+@pytest.mark.parametrize("group", ["blocks/0/mlp", "/", "a/"])
+def test_a_group_name_with_a_slash_is_refused_at_the_transform(group):
+    """A declared group named like a module path would clash with that module's own adapters
+    (NNX names their group by the module's path)."""
+    for fe in FRONTENDS.values():
+        with pytest.raises(ValueError, match=r"target group names must not contain '/'"):
+            _adapt(fe, {group: "layers#0"})
 
 
 @pytest.mark.parametrize("name", ["g:h:task", "g::task", "::task"])
