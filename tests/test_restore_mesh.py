@@ -127,6 +127,15 @@ def test_linen_restores_onto_the_given_shardings(linen_saved, target):
     variables = {"params": base}
     new_model, new_vars = jadapters.load_adapters(path, model, variables, shardings=shardings)
     _check_loaded(nn.unbox(new_vars["adapters"]), saved, expected)
+    # Into a base that keeps its nn.Partitioned boxes, the adapters come back boxed as init
+    # boxes them, so code that shards by nn.get_partition_spec keeps working.
+    fresh = jax.eval_shape(model.add_adapter("t", LORA).init, jax.random.key(0), x)
+    is_box = lambda z: isinstance(z, nn.Partitioned)  # noqa: E731
+    rebox = lambda b, v: b.replace_boxed(v) if is_box(b) else v  # noqa: E731
+    boxed = jax.tree.map(rebox, fresh["params"], base, is_leaf=is_box)
+    _, boxed_vars = jadapters.load_adapters(path, model, {"params": boxed}, shardings=shardings)
+    assert nn.get_partition_spec(boxed_vars["adapters"]) == nn.get_partition_spec(fresh["adapters"])
+    _check_loaded(nn.unbox(boxed_vars["adapters"]), saved, expected)
     got = jax.jit(new_model.apply)(new_vars, x)
     np.testing.assert_allclose(np.asarray(got), out, rtol=1e-6, atol=1e-6)
 

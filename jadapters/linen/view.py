@@ -19,7 +19,8 @@ import flax.core
 import jax
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
-from jadapters.adapters.base import is_box, unbox
+from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, unbox
+from jadapters.registry import build_adapter
 from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.targets import Target, path_str, pattern_matches
 from jadapters.view import FROZEN, TRAINABLE, AdapterWeights
@@ -304,6 +305,19 @@ class LinenView:
         walk(_plain(self.variables["params"]), ())
         return out
 
+    def _boxed(self, model: Any, spec: AdapterSpec, host: str, params: Any) -> Any:
+        """Loaded ``params`` of an adapter new to these variables, boxed as ``init`` would box
+        them: with axis names derived from the host's kernel when it is boxed with names (a
+        Dense-like ``[in, out]`` kernel); as they are otherwise."""
+        kernel = _subtree(_plain(self.variables).get("params", {}), f"{host}/kernel")
+        names = getattr(kernel, "names", None)
+        if not is_box(kernel) or names is None or len(names) != 2:
+            return params
+        adapter = build_adapter(spec.cfg)
+        derived = derive_weight_names(adapter, params, names, (0,), spec.insertion)
+        derived = apply_rule(getattr(model, "sharding", None), host, spec.name, params, derived)
+        return jax.tree.map(lambda v, n: kernel.replace(value=v, names=n), params, derived)
+
     def insert(self, loaded: Sequence[AdapterWeights], *, rngs: Any = None) -> tuple[Any, dict]:
         """``(new_model, new_variables)`` with the loaded adapters; the inputs are unchanged."""
         del rngs
@@ -329,6 +343,11 @@ class LinenView:
                 model = model.add_adapter(spec.qualified_name, spec.cfg, insertion=spec.insertion)
             model = model.set_enabled_adapters(spec.name, spec.enabled)
             for host, params in item.hosts.items():
-                params = _rebox(boxes.get(host), params)
+                old = boxes.get(host)
+                params = (
+                    _rebox(old, params)
+                    if old is not None
+                    else self._boxed(model, spec, host, params)
+                )
                 adapters = _set_in(adapters, _keys(host, spec.name), params)
         return model, {**variables, ADAPTER_COLLECTION: adapters}
