@@ -225,9 +225,11 @@ class NNXOuter(nnx.Module):
         return self.host.encode(x)
 
 
-class _LinenScanLayer(nn.Module):
+class LinenScanLayer(nn.Module):
+    """One layer of the stacks below: ``(x, carry) -> (mlp(x), None)``."""
+
     @nn.compact
-    def __call__(self, x, _):
+    def __call__(self, x, _=None):
         return nn.Dense(4, name="mlp")(x), None
 
 
@@ -237,12 +239,14 @@ class LinenScanStack(nn.Module):
     @nn.compact
     def __call__(self, x):
         stack = nn.scan(
-            _LinenScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+            LinenScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
         )
         return stack(name="layers")(x, None)[0]
 
 
-class _NNXBlock(nnx.Module):
+class NNXScanBlock(nnx.Module):
+    """One block of :class:`NNXScanStack`; its host is ``mlp``."""
+
     def __init__(self, rngs):
         self.mlp = nnx.Linear(4, 4, rngs=rngs)
 
@@ -257,7 +261,7 @@ class NNXScanStack(nnx.Module):
         @nnx.split_rngs(splits=3)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(rngs):
-            return _NNXBlock(rngs)
+            return NNXScanBlock(rngs)
 
         self.layers = create(nnx.Rngs(0))
 

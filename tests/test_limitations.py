@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import jadapters
+from tests._frontends import LinenScanLayer, LinenScanStack, NNXScanBlock, NNXScanStack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CFG = jadapters.LinearAdapterConfig(dim=2)
@@ -24,26 +25,11 @@ CFG = jadapters.LinearAdapterConfig(dim=2)
 # --- Linen: nn.scan and nn.vmap ---------------------------------------------------------------
 
 
-class _LinenLayer(nn.Module):
-    @nn.compact
-    def __call__(self, x, _=None):
-        return nn.Dense(4, name="mlp")(x), None
-
-
-class LinenScanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        stack = nn.scan(
-            _LinenLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
-        )
-        return stack(name="layers")(x, None)[0]
-
-
 class LinenVmapped(nn.Module):
     @nn.compact
     def __call__(self, x):
         ensemble = nn.vmap(
-            _LinenLayer,
+            LinenScanLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=None,
@@ -57,7 +43,7 @@ class LinenUnrolled(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(3):
-            x, _ = _LinenLayer(name=f"layers_{i}")(x)
+            x, _ = LinenScanLayer(name=f"layers_{i}")(x)
         return x
 
 
@@ -68,7 +54,7 @@ LINEN_MESSAGE = (
 )
 
 
-@pytest.mark.parametrize("stack", [LinenScanned, LinenVmapped])
+@pytest.mark.parametrize("stack", [LinenScanStack, LinenVmapped])
 def test_linen_scan_and_vmap_stacks_are_refused_naming_the_workaround(stack):
     adapted = jadapters.adapter_transform(stack(), r".*mlp").add_adapter("s", CFG)
     with pytest.raises(ValueError, match=LINEN_MESSAGE):
@@ -87,7 +73,7 @@ def test_linen_remat_is_not_a_stack():
     class Remat(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return nn.remat(_LinenLayer)(name="layer")(x)[0]
+            return nn.remat(LinenScanLayer)(name="layer")(x)[0]
 
     adapted = jadapters.adapter_transform(Remat(), r".*mlp").add_adapter("s", CFG)
     variables = adapted.init(jax.random.key(0), jnp.ones((2, 4)))
@@ -97,36 +83,9 @@ def test_linen_remat_is_not_a_stack():
 # --- NNX: nnx.vmap + nnx.scan -------------------------------------------------------------------
 
 
-class _NNXBlock(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.mlp = nnx.Linear(4, 4, rngs=rngs)
-
-    def __call__(self, x):
-        return self.mlp(x)
-
-
-class NNXScanned(nnx.Module):
-    """Flax's recipe for a layer stack: blocks created with nnx.vmap, run with nnx.scan."""
-
-    def __init__(self):
-        @nnx.split_rngs(splits=3)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def create(rngs):
-            return _NNXBlock(rngs)
-
-        self.layers = create(nnx.Rngs(0))
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
-
-
 class NNXUnrolled(nnx.Module):
     def __init__(self):
-        self.layers = nnx.List([_NNXBlock(nnx.Rngs(i)) for i in range(3)])
+        self.layers = nnx.List([NNXScanBlock(nnx.Rngs(i)) for i in range(3)])
 
     def __call__(self, x):
         for block in self.layers:
@@ -143,7 +102,7 @@ NNX_MESSAGE = (
 
 @pytest.mark.parametrize("pattern", ["layers/mlp", r".*mlp"])
 def test_nnx_vmap_scan_stack_is_refused_naming_the_workaround(pattern):
-    model = jadapters.adapter_transform(NNXScanned(), pattern)
+    model = jadapters.adapter_transform(NNXScanStack(), pattern)
     with pytest.raises(ValueError, match=NNX_MESSAGE):
         model.add_adapter("s", CFG, rngs=nnx.Rngs(1))
 
