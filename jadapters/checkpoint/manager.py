@@ -57,8 +57,9 @@ ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's record of a step, with i
 
 
 def _check_whole(where: str, step: int) -> list[str]:
-    """The items orbax recorded for the step; raises ``ValueError`` unless each is there, with
-    every file its list names at its listed size: a step is restored whole or not at all."""
+    """The items orbax recorded for the step; raises ``ValueError`` unless each is there with
+    exactly the files its list names, at their listed sizes: a step is restored whole or not
+    at all."""
     bad = f"step {step} in {os.path.dirname(where)!r} is incomplete (partly deleted or damaged)"
     record = os.path.join(where, ORBAX_STEP_METADATA)
     if not os.path.lexists(record):
@@ -70,16 +71,11 @@ def _check_whole(where: str, step: int) -> list[str]:
         raise ValueError(f"{bad}: orbax's {ORBAX_STEP_METADATA} is malformed: {err}") from None
     if store.ARRAYS not in items:
         raise ValueError(f"{bad}: orbax's {ORBAX_STEP_METADATA} lists no {store.ARRAYS!r} item.")
-    for item in items:
-        rel = f"{item}/{store.FILES}"
-        listed = os.path.join(where, item, store.FILES)
-        if not os.path.lexists(listed):
-            raise ValueError(f"{bad}: {rel} is missing.")
-        needed = files.parse_listing(files.read_json(listed, where), rel, where)
-        for name, (size, _) in needed.items():
-            file = os.path.join(where, item, *name.split("/"))
-            if not os.path.isfile(file) or os.path.islink(file) or os.path.getsize(file) != size:
-                raise ValueError(f"{bad}: file {item}/{name} is missing or truncated.")
+    for item in items:  # whole: each item's files as listed, by size (restore checks hashes)
+        try:
+            store.verify_files(where, item, hashes=False)
+        except ValueError as err:
+            raise ValueError(f"{bad}: {err}") from None
     return items
 
 

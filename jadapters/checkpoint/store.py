@@ -340,15 +340,16 @@ def read_metadata(
     return where, md.from_json(read_json(where), decode_configs=decode_configs, source=source)
 
 
-def verify_files(where: str, item: str) -> None:
+def verify_files(where: str, item: str, *, hashes: bool = True) -> None:
     """Checks ``item``'s files against its list before anything reads them: the same set of
-    files, all regular (no FIFO, device or link out of the step), then sizes, then hashes.
+    files, all regular (no FIFO, device or link out of the step), then sizes, then hashes
+    (unless ``hashes`` is false).
 
     Raises:
       ValueError: naming the first file that is missing, not listed, not a regular file, has
         another size or fails its checksum, or a missing or malformed list.
     """
-    files.verify_listing(where, item, FILES, ignore=(COMMIT,))
+    files.verify_listing(where, item, FILES, ignore=(COMMIT,), hashes=hashes)
 
 
 def _orbax(where: str, item: str, read: Callable[[], Any]) -> Any:
