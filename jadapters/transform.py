@@ -8,13 +8,18 @@ from typing import Any
 import flax.linen as nn
 from flax import nnx
 
+from jadapters.adapters.base import ShardingRule
 from jadapters.linen.transform import AdaptedLinen, _Boxed
 from jadapters.nnx.transform import transform_nnx
 from jadapters.targets import TargetsLike, normalize_targets
 
 
 def adapter_transform(
-    model: Any, targets: TargetsLike, *, accepted_types: Iterable[type] = ()
+    model: Any,
+    targets: TargetsLike,
+    *,
+    accepted_types: Iterable[type] = (),
+    sharding: ShardingRule | None = None,
 ) -> Any:
     """Gives ``model`` (Linen or NNX, unmodified) NeMo's adapter API at the ``targets``.
 
@@ -40,6 +45,11 @@ def adapter_transform(
       model: a ``flax.linen.Module`` or ``flax.nnx.Module``.
       targets: where adapters go (see above).
       accepted_types: adapter types (config or module classes) allowed; empty means all.
+      sharding: ``None``, or a rule ``rule(host_path, adapter_name, param_path, derived) ->
+        names`` that overrides the axis names adapter weights derive from their host's
+        partitioned kernel (``derived``: one name or ``None`` per axis; return it to keep
+        them). The same as ``.with_sharding(rule)`` on the result: see
+        :meth:`~jadapters.AdaptedLinen.with_sharding` and ``docs/SCALING.md``.
 
     Returns:
       The adapted model.
@@ -71,9 +81,12 @@ def adapter_transform(
             "add_adapter, or adapt the unwrapped model with all its target groups at once."
         )
     if isinstance(model, nn.Module):
-        return AdaptedLinen(boxed=_Boxed(model), groups=groups, accepted_types=accepted)
+        return AdaptedLinen(
+            boxed=_Boxed(model), groups=groups, accepted_types=accepted, sharding=sharding
+        )
     if isinstance(model, nnx.Module):
-        return transform_nnx(model, groups, accepted_types=accepted)
+        adapted = transform_nnx(model, groups, accepted_types=accepted)
+        return adapted if sharding is None else adapted.with_sharding(sharding)
     raise ValueError(
         f"model must be a flax.linen.Module or flax.nnx.Module, got {type(model).__name__}."
     )

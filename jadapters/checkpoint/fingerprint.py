@@ -2,11 +2,18 @@
 
 For each host path the fingerprint lists the host's own base parameters (names, shapes,
 dtypes), excluding adapters: its *structure*, always recorded and checked by default. Saved
-with ``base_content=True`` it also holds the SHA-256 of each parameter's bytes: its *content*,
+with ``base_content=True`` it also holds a digest of each parameter's values: its *content*,
 checked whenever recorded (unless loading asks for the structure only). Loading compares it
 with the target model's base at the same paths, so adapters never silently attach to a
 different base: with the structure, not to a base of another shape; with the content, not to
 other weights of the same shape (another seed, another fine-tune).
+
+Neither needs the base whole on one host. The structure comes from shapes and dtypes alone
+(abstract arrays will do). The content digest (:mod:`jadapters.checkpoint.content`) is a
+jitted reduction over each parameter where it lives, shard by shard, exact in integers, so
+it is the same for any mesh, sharding or process count: a base saved from eight devices on
+two hosts checks against the same base on one device. In a multi-process job, save and load
+on every process (the digest is a collective, like the orbax save).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jadapters.checkpoint import content
 from jadapters.checkpoint import metadata as md
 
 _FIX = "Load onto the base the adapters were trained on."
@@ -64,19 +72,32 @@ def compare(host: str, saved: Sequence[md.LeafInfo], current: Sequence[md.LeafIn
 
 
 def compare_content(
-    saved: Mapping[str, Sequence[md.LeafInfo]], current: Mapping[str, Any], source: str
+    saved: Mapping[str, Sequence[md.LeafInfo]],
+    current: Mapping[str, Any],
+    source: str,
+    algorithm: str | None = content.ALGORITHM,
 ) -> None:
-    """Raises ``ValueError`` naming every base parameter whose bytes differ from the content
-    fingerprint ``saved`` (``{host: leaves with sha256}``); ``current`` is ``{host: base
-    params}`` of the target model, already of the saved structure (:func:`compare`).
+    """Raises ``ValueError`` naming every base parameter whose values differ from the content
+    fingerprint ``saved`` (``{host: leaves with their digests}``, recorded with ``algorithm``);
+    ``current`` is ``{host: base params}`` of the target model, already of the saved
+    structure (:func:`compare`). The digests are computed where the parameters live.
 
     Raises:
-      ValueError: for differing parameters, or one abstract or not fully held by this
-        process.
+      ValueError: for differing parameters, abstract ones, or a fingerprint recorded with
+        another digest algorithm.
     """
+    if algorithm != content.ALGORITHM:
+        raise ValueError(
+            f"the content fingerprint of the checkpoint {source!r} was recorded with digest "
+            f"{algorithm!r}, but this jadapters computes {content.ALGORITHM!r}: save the "
+            "adapters again with base_content=True, or pass check_base='structure'."
+        )
     differ, partial = [], []
+    current_prints = {
+        host: md.describe_base(current.get(host) or {}, content=True) for host in saved
+    }
     for host, leaves in saved.items():
-        now = {i.path: i for i in md.describe_leaves(current.get(host) or {}, checksums=True)}
+        now = {i.path: i for i in current_prints[host]}
         for info in leaves:
             got = now.get(info.path)
             name = f"{host}:{'/'.join(info.path)}" if host else "/".join(info.path)
@@ -87,9 +108,8 @@ def compare_content(
     if partial:
         raise ValueError(
             f"cannot check the base's content against the checkpoint {source!r}: base "
-            f"parameters {partial[:5]} are abstract or not fully held by this process. Check "
-            "it with the base's arrays whole in this process, or pass check_base='structure' "
-            "to check shapes and dtypes only."
+            f"parameters {partial[:5]} are abstract (jax.ShapeDtypeStruct). Check it with the "
+            "base's arrays, or pass check_base='structure' to check shapes and dtypes only."
         )
     if differ:
         more = f" and {len(differ) - 10} more" if len(differ) > 10 else ""

@@ -11,9 +11,13 @@ stream state too, e.g. ``adapters={"params": ..., "rngs": nnx.to_pure_dict(nnx.s
 nnx.RngState))}``.
 
 One manager saves to a ``directory`` at a time (its first save removes the debris of killed
-saves, which would include another writer's save in progress). Managers that only restore may
-run beside it, in other processes: each restore reads the directory as it is then, reads one
-whole step, and starts again on the new latest step if a save prunes the one it reads.
+saves, which would include another writer's save in progress). In a multi-process job
+(``jax.distributed``) every process opens the manager and calls :meth:`save` and
+:meth:`restore` with its part of the same global arrays: each writes its own shards, process 0
+alone removes debris and writes the file lists (see :mod:`jadapters.checkpoint.store`).
+Managers that only restore may run beside it, in other processes: each restore reads the
+directory as it is then, reads one whole step, and starts again on the new latest step if a
+save prunes the one it reads.
 """
 
 from __future__ import annotations
@@ -174,15 +178,22 @@ class AdapterCheckpointManager:
                 ) from None
             items[store.METADATA] = ocp.args.JsonSave(metadata)
         self._manager.wait_until_finished()
-        if self._saved:
-            store.empty_deleted(self._directory)
-        else:
-            store.clean(self._directory)
-            self._saved = True
+        if store.primary():
+            if self._saved:
+                store.empty_deleted(self._directory)
+            else:
+                store.clean(self._directory)
+        self._saved = True
+        store.barrier("manager_clean")
         saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
         if not self._async:
-            store.empty_deleted(self._directory)
+            self._empty_deleted()
         return saved
+
+    def _empty_deleted(self) -> None:
+        if store.primary():
+            store.empty_deleted(self._directory)
+        store.barrier("manager_deleted")
 
     def restore(
         self, step: int | None = None, *, adapters: Any = None, opt_state: Any = None
@@ -251,12 +262,12 @@ class AdapterCheckpointManager:
         """Blocks until a background save has finished."""
         self._manager.wait_until_finished()
         if self._saved:
-            store.empty_deleted(self._directory)
+            self._empty_deleted()
 
     def close(self) -> None:
         self._manager.close()
         if self._saved:
-            store.empty_deleted(self._directory)
+            self._empty_deleted()
 
     def __enter__(self) -> AdapterCheckpointManager:
         return self

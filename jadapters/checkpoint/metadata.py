@@ -3,9 +3,10 @@
 The metadata names every adapter with its registered config, group, insertion, enabled state
 and, per host path, the names, shapes, dtypes and SHA-256 checksums of its weights. It also
 holds the *fingerprint* of the base the adapters attach to: for each host path, the host's own
-base parameters (names, shapes, dtypes and, when saved with ``base_content=True``, the SHA-256
-of each one's bytes). It is plain JSON, read with ``json`` only; configs are rebuilt through
-the adapter registry (:func:`jadapters.config_from_dict`), never by import.
+base parameters (names, shapes, dtypes and, when saved with ``base_content=True``, a content
+digest of each one, computed shard by shard where the parameter lives: see
+:mod:`jadapters.checkpoint.content`). It is plain JSON, read with ``json`` only; configs are
+rebuilt through the adapter registry (:func:`jadapters.config_from_dict`), never by import.
 
 The file is untrusted input: :func:`from_json` checks every field's type, that no host or
 parameter path repeats or nests inside another, shapes (at most ``MAX_NDIM`` axes of at most
@@ -30,6 +31,7 @@ import numpy as np
 
 from jadapters._adapter_set import INSERTIONS, AdapterSpec, check_name
 from jadapters._version import __version__
+from jadapters.checkpoint import content as content_digest
 from jadapters.composition import composition_from_dict, composition_to_dict
 from jadapters.config import config_from_dict, config_to_dict
 
@@ -92,9 +94,11 @@ class CheckpointMetadata:
     framework: str
     library_version: str
     format_version: int = FORMAT_VERSION
-    base_content: bool = False  # the fingerprint records each base parameter's SHA-256
+    base_content: bool = False  # the fingerprint records each base parameter's content digest
     # ((group, composition block), ...) of the saved adapters' groups; optional in files.
     compositions: tuple[tuple[str, Any], ...] = ()
+    # The algorithm of the base's content digests (``content.ALGORITHM``); ``None`` without.
+    content_digest: str | None = None
 
     def get(self, name: str) -> AdapterEntry | None:
         for entry in self.adapters:
@@ -118,12 +122,15 @@ def flatten(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
 
 
 def checksum(x: Any) -> str | None:
-    """SHA-256 of an array's bytes; ``None`` for an array not fully held by this process or
-    an abstract one (``jax.ShapeDtypeStruct``)."""
+    """SHA-256 of an array's bytes; ``None`` for an abstract array (``jax.ShapeDtypeStruct``)
+    or one sharded over several processes. An array replicated over several processes (the
+    adapters of a data-parallel job) is hashed from this process's own copy."""
     if isinstance(x, jax.ShapeDtypeStruct):
         return None
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None
+        if not x.is_fully_replicated:
+            return None
+        x = x.addressable_data(0)
     return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
 
@@ -145,6 +152,24 @@ def describe_leaves(tree: Any, *, checksums: bool) -> tuple[LeafInfo, ...]:
     return tuple(sorted(infos, key=lambda i: i.path))
 
 
+def describe_base(tree: Any, *, content: bool) -> tuple[LeafInfo, ...]:
+    """Shape and dtype (and, with ``content``, the content digest, in the ``sha256`` field) of
+    every base parameter in ``tree``, sorted by path.
+
+    The content digest (:mod:`jadapters.checkpoint.content`) is computed on the devices that
+    hold each parameter, whatever its sharding, and is the same for every layout; ``None``
+    for an abstract parameter. In a multi-process job it is a collective: every process calls
+    this with its part of the same global arrays.
+    """
+    flat = flatten(tree)
+    digests = content_digest.digests([x for _, x in flat]) if content else [None] * len(flat)
+    infos = (
+        LeafInfo(path, tuple(map(int, np.shape(x))), dtype_name(x), digest)
+        for (path, x), digest in zip(flat, digests, strict=True)
+    )
+    return tuple(sorted(infos, key=lambda i: i.path))
+
+
 def build_metadata(
     adapters: Sequence[tuple[AdapterSpec, Mapping[str, Any]]],
     fingerprint: Mapping[str, Any],
@@ -155,11 +180,11 @@ def build_metadata(
 ) -> CheckpointMetadata:
     """Metadata for ``[(spec, {host path: params tree}), ...]`` and ``{host path: base params}``.
 
-    ``base_content`` records the SHA-256 of every base parameter at the hosts (the content
-    fingerprint) beside its name, shape and dtype.
+    ``base_content`` records a content digest of every base parameter at the hosts (the
+    content fingerprint, :func:`describe_base`) beside its name, shape and dtype.
 
     Raises:
-      ValueError: with ``base_content``, for a base parameter not fully held by this process.
+      ValueError: with ``base_content``, for an abstract base parameter.
     """
     entries = tuple(
         AdapterEntry(
@@ -173,9 +198,7 @@ def build_metadata(
         )
         for spec, hosts in adapters
     )
-    prints = {
-        path: describe_leaves(tree, checksums=base_content) for path, tree in fingerprint.items()
-    }
+    prints = {path: describe_base(tree, content=base_content) for path, tree in fingerprint.items()}
     if base_content:
         partial = [
             f"{host}:{'/'.join(i.path)}"
@@ -185,9 +208,9 @@ def build_metadata(
         ]
         if partial:
             raise ValueError(
-                f"base_content=True hashes the base parameters at the hosts, but {partial[:5]} "
-                "are not fully held by this process (a multi-process sharding). Save from a "
-                "process that holds the base whole, or save without base_content."
+                f"base_content=True digests the base parameters at the hosts, but {partial[:5]} "
+                "are abstract (jax.ShapeDtypeStruct). Save with the base's arrays, or save "
+                "without base_content."
             )
     compositions = tuple(
         dict.fromkeys(
@@ -201,6 +224,7 @@ def build_metadata(
         __version__,
         base_content=base_content,
         compositions=compositions,
+        content_digest=content_digest.ALGORITHM if base_content else None,
     )
 
 
@@ -256,6 +280,7 @@ def to_json(meta: CheckpointMetadata) -> dict[str, Any]:
         "base_fingerprint": fingerprint_json(meta.fingerprint),
         "base_fingerprint_sha256": fingerprint_digest(meta.fingerprint),
         "base_content": meta.base_content,
+        **({"base_content_digest": meta.content_digest} if meta.content_digest else {}),
         **(
             {
                 "compositions": [
@@ -427,6 +452,11 @@ def from_json(
                 + " a parameter's 'sha256', but metadata['base_content'] is "
                 + str(base_content).lower()
             )
+        algorithm = data.get("base_content_digest")
+        if algorithm is not None and not isinstance(algorithm, str):
+            raise _Malformed(
+                f"metadata['base_content_digest'] must be a string, got {_short(algorithm)}"
+            )
         digest = data.get("base_fingerprint_sha256")
         if digest is not None and digest != fingerprint_digest(prints):
             raise _Malformed(
@@ -454,6 +484,7 @@ def from_json(
             version,
             base_content,
             tuple(compositions),
+            algorithm if base_content else None,
         )
     except _Malformed as err:
         raise ValueError(

@@ -28,17 +28,27 @@ it into place when complete (its atomic commit); only then does it prune steps b
 any point leaves every listed step readable and complete, and only unlisted debris (a temporary
 directory, a half-emptied ``deleting/``) that the next save removes.
 
-One process writes a ``path`` at a time: the writer removes any temporary directory it finds,
+One job writes a ``path`` at a time: the writer removes any temporary directory it finds,
 so a second, concurrent writer would lose its save in progress (orbax's own clean-up of
-temporary directories has the same limit). Readers may run beside the writer: a read pins one
-version and reads only its directory (no mix of two versions); if a save prunes that version
-while it is read, the read starts again on the new latest version (:func:`read_version`).
+temporary directories has the same limit).
+
+In a multi-process job (``jax.distributed``), every process calls the save, as orbax asks:
+each writes the shards it holds, and process 0 alone writes the metadata, the file lists
+(inside orbax's commit, after orbax's barrier, so they list every process's files), removes
+debris and empties ``deleting/``, with a barrier (:func:`barrier`) before the save and after
+the clean-up. The path must be a file system that all processes see (one machine, NFS, a
+mounted bucket); the lists are read with POSIX calls.
+
+Readers may run beside the writer: a read pins one version and reads only its directory (no
+mix of two versions); if a save prunes that version while it is read, the read starts again
+on the new latest version (:func:`read_version`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import os
 import shutil
@@ -59,6 +69,21 @@ DELETING = "deleting"  # pruned steps, renamed here whole, then removed
 LIST_ATTEMPTS = 3  # listings of an empty-looking directory before it counts as empty
 READ_ATTEMPTS = 8  # reads of a latest version that a save pruned before giving up
 _T = TypeVar("_T")
+_BARRIERS = itertools.count()
+
+
+def primary() -> bool:
+    """Whether this is the process that writes shared files (process 0; the only one in a
+    single-process job)."""
+    return jax.process_index() == 0
+
+
+def barrier(what: str) -> None:
+    """Every process of a multi-process job waits here for the others (orbax's barrier on the
+    ``jax.distributed`` client); nothing in a single-process job. Every process must reach
+    the same barriers in the same order."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"jadapters_{what}_{next(_BARRIERS)}")
 
 
 def _write_list(directory) -> None:
@@ -161,10 +186,14 @@ def write(
         **{ARRAYS: ocp.args.PyTreeSave(tree), METADATA: ocp.args.JsonSave(md.to_json(meta))}
     )
     with open_manager(path, max_to_keep=keep) as manager:
-        clean(path)
         step = (manager.latest_step() or 0) + 1
-        manager.save(step, args=items)
-    empty_deleted(path)
+        if primary():
+            clean(path)
+        barrier("clean")
+        manager.save(step, args=items)  # every process: its shards; orbax syncs and commits
+    if primary():
+        empty_deleted(path)
+    barrier("saved")
     return os.path.join(path, str(step))
 
 
