@@ -86,8 +86,11 @@ def _dense_general_layout(axis: Any, kernel_shape: tuple[int, ...], where: str) 
     return KernelLayout(tuple(kernel_shape), tuple(range(len(axes))), axes, None)
 
 
-def kernel_layout(host: Any, kernel_shape: tuple[int, ...] | None = None) -> KernelLayout:
-    """The :class:`KernelLayout` of a Linen or NNX Dense-like host.
+def kernel_layout(
+    host: Any, kernel_shape: tuple[int, ...] | None = None, *, stacked: bool = False
+) -> KernelLayout:
+    """The :class:`KernelLayout` of a Linen or NNX Dense-like host; with ``stacked``, of one
+    layer of an NNX host inside a layer stack (its kernel's leading layer axis dropped).
 
     Raises:
       ValueError: for a host whose kernel a weight adapter cannot act on.
@@ -97,7 +100,7 @@ def kernel_layout(host: Any, kernel_shape: tuple[int, ...] | None = None) -> Ker
         kernel = getattr(host, "kernel", None)
         if kernel is None:
             raise _unsupported(host)
-        kernel_shape = tuple(kernel[...].shape)
+        kernel_shape = tuple(kernel[...].shape)[1 if stacked else 0 :]
     if kernel_shape is None:
         raise _unsupported(host)
     if isinstance(host, (nn.Dense, nnx.Linear)):

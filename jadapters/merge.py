@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters._adapter_set import AdapterSpec
+from jadapters.composition import check_foldable
 from jadapters.kernels import KernelLayout
 from jadapters.registry import build_adapter
 from jadapters.strategies import linear_factor
@@ -29,6 +30,12 @@ from jadapters.view import view_of
 def _check_mergeable(spec: AdapterSpec) -> None:
     module = build_adapter(spec.cfg)
     kind = type(spec.cfg).__name__.removesuffix("Config")
+    if getattr(module, "routed", False):
+        raise ValueError(
+            f"adapter {spec.name!r} is an adapter bank: its slots are routed per example, so "
+            "no single kernel holds them. Merge one slot's adapter instead: take its weights "
+            "with jadapters.slot_weights and load them as an ordinary adapter."
+        )
     if module.merge_insertion is None or spec.insertion != module.merge_insertion:
         raise ValueError(
             f"adapter {spec.name!r} ({kind}, insertion {spec.insertion!r}) cannot be merged: "
@@ -80,6 +87,7 @@ def _select(specs, names, weights) -> list[tuple[AdapterSpec, float]]:
     if unknown:
         raise ValueError(f"weights names adapters not being merged: {unknown}.")
     for spec in chosen:
+        check_foldable(spec, specs)
         _check_mergeable(spec)
     return [(s, float(weights.get(s.name, 1.0))) for s in chosen]
 
@@ -131,10 +139,45 @@ def _merge(view, chosen, inputs) -> Any:
                 f"host {path!r} has no kernel to fold adapters {[s.name for s, _, _ in entries]} "
                 "into; merge adapters of Dense-like hosts only."
             )
+        gates = [_stack_gate(view, path, spec, params) for spec, params, _ in entries]
+        if any(g is not None for g in gates):
+            kernel, bias = _fold_stack(view, path, base, layouts.get(path), entries, gates)
+            new[path] = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+            continue
         layout = layouts.get(path) or _inferred_layout(path, base["kernel"], entries)
         kernel, bias = _fold(base["kernel"], base.get("bias"), layout, entries)
         new[path] = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
     return view.replace_base(new)
+
+
+def _stack_gate(view, path: str, spec: AdapterSpec, params: Any) -> tuple[bool, ...] | None:
+    gate = getattr(view, "stack_gate", None)
+    return None if gate is None else gate(path, spec, params)
+
+
+def _fold_stack(view, path, base, layout, entries, gates):
+    """Folds adapters into a layer stack's kernel (leading layer axis), layer by layer: each
+    adapter into the layers where it acts (``Target.layers``), as the forward applies it."""
+    if any(g is None for g in gates):
+        raise ValueError(
+            f"host {path!r} holds layer-stacked adapters beside unstacked ones "
+            f"({[s.name for s, _, _ in entries]}); save and merge them separately."
+        )
+    kernel, bias = base["kernel"], base.get("bias")
+    kernels, biases = [], []
+    for layer in range(kernel.shape[0]):
+        here = [
+            (spec, jax.tree.map(lambda w, i=layer: w[i], params), weight)
+            for (spec, params, weight), gate in zip(entries, gates, strict=True)
+            if gate[layer]
+        ]
+        k, b = kernel[layer], None if bias is None else bias[layer]
+        if here:
+            lay = layout or _inferred_layout(path, k, here)
+            k, b = _fold(k, b, lay, here)
+        kernels.append(k)
+        biases.append(b)
+    return jnp.stack(kernels), None if bias is None else jnp.stack(biases)
 
 
 def merge_adapters(

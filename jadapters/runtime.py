@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from jadapters._adapter_set import AdapterSpec
-from jadapters.composition import Average, BatchSplit, Parallel, Stack
+from jadapters.adapters.bank import gather_slots
+from jadapters.composition import Average, BatchSplit, Fuse, Parallel, Stack
 from jadapters.kernels import KernelLayout
 from jadapters.registry import build_adapter
+from jadapters.routing import current_ids
 from jadapters.strategies import StrategyOutput, as_strategy_output, requires_key
 
 
@@ -49,6 +51,10 @@ class HostIO(Protocol):
 
     def layout(self) -> KernelLayout:
         """The host's kernel layout, for weight adapters."""
+
+    def gate(self, spec: AdapterSpec) -> jax.Array | None:
+        """In one layer of a scanned stack whose target selects layers (``Target.layers``):
+        a boolean scalar, whether this layer has the adapter; ``None`` where every layer has."""
 
 
 def needs_key(module: Any, training: bool) -> bool:
@@ -178,6 +184,57 @@ def apply_adapter(
     )
 
 
+def run_routed(
+    bank: Any,
+    params: Any,
+    x: jax.Array,
+    ids: jax.Array,
+    *,
+    stream: jax.Array | None = None,
+    training: bool = False,
+    key: jax.Array | None = None,
+    layout: KernelLayout | None = None,
+) -> StrategyOutput:
+    """Runs each example of ``x`` through its own slot of adapter bank ``bank``.
+
+    Example ``i`` runs alone through slot ``ids[i]`` (:func:`run_adapter` on the inner
+    adapter with that slot's weights, gathered from the stacked ``params``; one ``jax.vmap``
+    over the batch, so the cost does not depend on the number of slots). ``ids[i] == -1``
+    leaves the example's stream as it is; an id outside ``[-1, slots)`` gives NaN. The
+    auxiliary loss, if any, is the mean over the batch of each routed example's loss alone
+    (0 for the others).
+    """
+    stream = x if stream is None else stream
+    batch = x.shape[0] if x.ndim else None
+    if ids.ndim != 1 or ids.shape[0] != batch or stream.shape[:1] != (batch,):
+        raise ValueError(
+            f"adapter_ids has shape {ids.shape} but the adapter bank's input has shape "
+            f"{x.shape} and its stream {stream.shape}: give one id per example, the examples "
+            "along the leading axis of the host's input."
+        )
+    gathered = gather_slots(params["slots"], ids)
+    keys = None if key is None else jax.random.split(key, batch)
+    inner = bank.inner
+
+    def one(p, xi, si, ki):
+        result = run_adapter(
+            inner, p, xi[None], stream=si[None], training=training, key=ki, layout=layout
+        )
+        return result.output[0], result.aux_loss
+
+    out, losses = jax.vmap(one, in_axes=(0, 0, 0, None if keys is None else 0))(
+        gathered, x, stream, keys
+    )
+    rows = (batch,) + (1,) * (out.ndim - 1)
+    routed = ids >= 0
+    out = jnp.where(routed.reshape(rows), out, stream)
+    bad = (ids < -1) | (ids >= bank.slots)
+    out = jnp.where(bad.reshape(rows), jnp.asarray(jnp.nan, out.dtype), out)
+    if losses is not None:
+        losses = jnp.sum(jnp.where(routed, losses, jnp.zeros_like(losses))) / batch
+    return StrategyOutput(out, losses)
+
+
 def _feed(spec: AdapterSpec, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(adapter input, stream)`` of a non-weight adapter at a host with input x, output y."""
     if spec.insertion == "input":
@@ -216,18 +273,56 @@ def _run_one(
     if not spec.enabled:
         return None
     key = io.key(spec) if needs_key(module, training) else None
-    result = run_adapter(
+    if getattr(module, "routed", False):
+        result = _run_bank(spec, module, params, io, inputs, stream, layout, training, key)
+        if result is None:
+            return None
+    else:
+        result = run_adapter(
+            module,
+            params,
+            inputs,
+            stream=stream,
+            training=training,
+            key=key,
+            layout=layout[0] if spec.insertion == "weight" else None,
+        )
+    output, aux_loss = result
+    gate = io.gate(spec)
+    if gate is not None:
+        # A layer of a scanned stack that the target leaves out: the stream, exactly (and
+        # no gradient reaches this layer's slice of the adapter's weights).
+        output = jnp.where(gate, output, stream)
+        if aux_loss is not None:
+            aux_loss = jnp.where(gate, aux_loss, jnp.zeros_like(aux_loss))
+    if aux_loss is not None:
+        losses[spec.name] = losses.get(spec.name, 0.0) + aux_loss
+    return output
+
+
+def _run_bank(spec, module, params, io, inputs, stream, layout, training, key):
+    """Runs adapter bank ``spec`` under the current :func:`jadapters.route` ids; ``None``
+    at ``init`` without ids."""
+    ids = current_ids()
+    if ids is None:
+        if io.creates_weights:
+            return None  # init: the weights exist now; no example is routed
+        raise ValueError(
+            f"adapter bank {spec.qualified_name!r} at host {io.path!r} routes each example "
+            "through its own slot, but no ids were given: call the model inside "
+            "jadapters.route(adapter_ids) (Linen: apply(..., adapter_ids=ids)), with -1 for "
+            "examples that take the base alone, or disable the bank."
+        )
+    return run_routed(
         module,
         params,
         inputs,
+        ids,
         stream=stream,
         training=training,
         key=key,
         layout=layout[0] if spec.insertion == "weight" else None,
     )
-    if result.aux_loss is not None:
-        losses[spec.name] = losses.get(spec.name, 0.0) + result.aux_loss
-    return result.output
 
 
 def _run_block(
@@ -268,6 +363,8 @@ def _run_block(
             parts.append(s[rows] if out is None else out)
             start += size
         return jnp.concatenate(parts, axis=0)
+    if isinstance(block, Fuse):
+        return _run_fuse(block, members, io, x, y, layout, training=training, losses=losses)
     outs = {name: one(name, x, y) for name in block.adapters}
     outs = {name: out for name, out in outs.items() if out is not None}
     if not outs:
@@ -278,6 +375,47 @@ def _run_block(
         weights = dict(zip(block.adapters, block.normalized_weights(list(outs)), strict=True))
         return sum(jnp.asarray(weights[n], out.dtype) * out for n, out in outs.items())
     raise ValueError(f"unknown composition block {block!r}.")
+
+
+def _run_fuse(
+    block: Fuse,
+    members: dict[str, AdapterSpec],
+    io: HostIO,
+    x: jax.Array,
+    y: jax.Array | None,
+    layout: list,
+    *,
+    training: bool,
+    losses: dict[str, jax.Array],
+) -> jax.Array:
+    """Runs a :class:`~jadapters.Fuse` block: the fusion adapter attends over the enabled
+    members' deltas, queried by the stream (``y``, or ``x`` before the host). A disabled
+    fusion adapter turns the block off: the enabled members run as a chain."""
+    is_input = y is None
+    s = x if is_input else y
+    fusion = members.get(block.fusion)
+    module = params = None
+    if fusion is not None:  # visited even when disabled, so Linen's init creates its weights
+        module = build_adapter(fusion.cfg)
+        params = io.weights(fusion, module, jax.ShapeDtypeStruct(s.shape, s.dtype), None)
+    fused = [members[n] for n in members if n != block.fusion]  # chain order
+    if fusion is None or not fusion.enabled:
+        for spec in fused:
+            out = _run_one(spec, io, x, y, layout, training=training, losses=losses)
+            if out is not None:
+                x, y = (out, None) if is_input else (x, out)
+        return x if is_input else y
+    outs = [_run_one(spec, io, x, y, layout, training=training, losses=losses) for spec in fused]
+    deltas = [out - s for out in outs if out is not None]
+    if not deltas:
+        return s
+    delta = module.apply({"params": params}, s, jnp.stack(deltas), deterministic=not training)
+    strategy = module.adapter_strategy
+    key = io.key(fusion) if requires_key(strategy, training) else None
+    result = as_strategy_output(strategy(s, delta, key=key, training=training))
+    if result.aux_loss is not None:
+        losses[fusion.name] = losses.get(fusion.name, 0.0) + result.aux_loss
+    return result.output
 
 
 def run_stage(

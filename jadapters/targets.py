@@ -21,14 +21,24 @@ class Target:
       pattern: a regular expression that must match the *whole* path.
       methods: the host methods adapters wrap; ``("__call__",)`` by default.
       module_types: if given, only hosts that are instances of one of these classes match.
+      layers: for a host inside a scanned layer stack (Linen ``nn.scan``; NNX ``nnx.scan``
+        over an ``nnx.vmap``-built stack), the layers whose adapters act, as layer indices
+        (negative ones count from the end: ``range(-4, 0)`` is the last four); ``None`` (the
+        default) means every layer. Weights are stacked over all layers; on the others the
+        stream passes through exactly (the adapter's output is dropped) and their slice gets
+        no gradient, so the model computes what the unrolled model with adapters on those
+        layers only computes.
 
     >>> Target(pattern=r".*/mlp").matches("encoder/layers_0/mlp", object())
     True
+    >>> Target(pattern="layers/mlp", layers=range(-2, 0)).layer_gate(4)
+    (False, False, True, True)
     """
 
     pattern: str
     methods: tuple[str, ...] = ("__call__",)
     module_types: tuple[type, ...] = ()
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -43,6 +53,40 @@ class Target:
             raise ValueError(f"methods must be a non-empty tuple of names, got {self.methods!r}.")
         object.__setattr__(self, "methods", tuple(self.methods))
         object.__setattr__(self, "module_types", tuple(self.module_types))
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+                raise ValueError(
+                    f"layers must be layer indices (e.g. range(-4, 0) for the last four), got "
+                    f"{layers!r}."
+                )
+            layers = tuple(layers)
+            if not layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):
+                raise ValueError(
+                    f"layers must be a non-empty sequence of int layer indices (e.g. "
+                    f"range(-4, 0) for the last four), got {self.layers!r}."
+                )
+            object.__setattr__(self, "layers", layers)
+
+    def layer_gate(self, num_layers: int) -> tuple[bool, ...]:
+        """Which of a stack's ``num_layers`` layers this rule selects.
+
+        Raises:
+          ValueError: for a layer index outside the stack.
+        """
+        if self.layers is None:
+            return (True,) * num_layers
+        bad = [i for i in self.layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"Target {self.pattern!r} has layers={self.layers}, but the stack has "
+                f"{num_layers} layers: indices {bad} are out of range; use indices in "
+                f"[-{num_layers}, {num_layers})."
+            )
+        chosen = {i % num_layers for i in self.layers}
+        return tuple(i in chosen for i in range(num_layers))
 
     def matches(self, path: str, module: Any) -> bool:
         if self.module_types and not isinstance(module, self.module_types):
@@ -141,6 +185,25 @@ def unmatched_error(rule: Target, group: str, paths: Iterable[str]) -> ValueErro
         f"target pattern {rule.pattern!r} (group {group!r}) matches no module. Module paths "
         f"that exist, closest first: {shown}. Patterns must match the whole path."
     )
+
+
+def layer_gate(rules: Iterable[Target], path: str, num_layers: int) -> tuple[bool, ...] | None:
+    """The layers of a ``num_layers`` stack at ``path`` that ``rules`` select (the union of the
+    rules whose pattern matches it), or ``None`` when they select every layer.
+
+    >>> layer_gate([Target(pattern="l/mlp", layers=(0,))], "l/mlp", 3)
+    (True, False, False)
+    """
+    gate = [False] * num_layers
+    for rule in rules:
+        if re.fullmatch(rule.pattern, path) is not None:
+            gate = [g or r for g, r in zip(gate, rule.layer_gate(num_layers), strict=True)]
+    return None if all(gate) else tuple(gate)
+
+
+def has_layer_rules(rules: Iterable[Target]) -> bool:
+    """Whether any of ``rules`` selects layers of a stack."""
+    return any(rule.layers is not None for rule in rules)
 
 
 def path_str(path: Sequence[Any]) -> str:

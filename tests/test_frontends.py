@@ -285,10 +285,14 @@ def test_target_methods_wrap_only_the_named_method(fe):
 
 @pytest.mark.parametrize("pattern", ["layers/mlp", r".*mlp"])
 def test_hosts_inside_a_scanned_layer_stack_raise_a_clear_error(fe, pattern):
-    """Adapters on layer-stacked hosts (``nn.scan``; ``nnx.vmap`` + ``nnx.scan``) are not
-    supported; the error says so, naming scan, when the adapter is added or first run."""
+    """A Linen ``nn.scan`` that does not carry the adapter collection is refused, naming scan
+    and the fix; NNX ``nnx.vmap`` + ``nnx.scan`` stacks adapt (``tests/test_scan.py``)."""
     x = _normal((2, 4))
     base = fe.base(fe.scan_stack(), x)
+    if fe.name == "nnx":
+        h = fe.adapt(base, pattern, [("s", LinearAdapterConfig(dim=2))], x)
+        assert h(x).shape == x.shape
+        return
     with pytest.raises(ValueError, match=r"(?is)adapter.*scan|scan.*adapter"):
         h = fe.adapt(base, pattern, [("s", LinearAdapterConfig(dim=2))], x)
         h(x)

@@ -184,3 +184,32 @@ def apply_rule(rule: ShardingRule | None, host: str, adapter: str, params: Any, 
         return out
 
     return jax.tree_util.tree_map_with_path(leaf, params, names)
+
+
+# ---- layer stacks: adapter weights with a leading layer axis --------------------------------
+
+
+def stack_size(module: Any, params: Any) -> int | None:
+    """The layer count of ``params`` stacked along a leading layer axis (the weights of an
+    adapter on a host inside a scanned layer stack), or ``None`` for one layer's weights.
+
+    Read from the type's weight schema (``weight_axes``): stacked weights have one axis more
+    than it lists, all of the same size. A type without a schema is never seen as stacked.
+
+    >>> import jax.numpy as jnp
+    >>> from jadapters.adapters.lora import LoRA
+    >>> stack_size(LoRA(2), {"a": jnp.zeros((5, 4, 2)), "b": jnp.zeros((5, 2, 8))})
+    5
+    >>> stack_size(LoRA(2), {"a": jnp.zeros((4, 2)), "b": jnp.zeros((2, 8))}) is None
+    True
+    """
+    schema = getattr(module, "weight_axes", None) or {}
+    sizes = set()
+    for path, value in jax.tree_util.tree_flatten_with_path(unbox(params))[0]:
+        axes = schema.get("/".join(str(getattr(k, "key", k)) for k in path))
+        if axes is None:
+            continue
+        if len(value.shape) != len(axes) + 1:
+            return None
+        sizes.add(int(value.shape[0]))
+    return sizes.pop() if len(sizes) == 1 else None

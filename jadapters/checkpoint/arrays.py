@@ -24,6 +24,7 @@ checksum. The result is fully in memory before any model is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -208,6 +209,19 @@ def _schema_shapes(cfg: Any, leaves: Sequence[md.LeafInfo]) -> dict[tuple[str, .
     if not axes:
         return {}
     widths: dict[str, int] = {}
+    # The weights of an adapter inside a scanned layer stack carry one leading layer axis
+    # (of one size) beyond the schema: check one layer's shapes, then add the axis back.
+    layers = {
+        info.shape[0]
+        for info in leaves
+        if "/".join(info.path) in axes and len(info.shape) == len(axes["/".join(info.path)]) + 1
+    }
+    stack = ()
+    if len(layers) == 1 and all(
+        "/".join(i.path) in axes and len(i.shape) == len(axes["/".join(i.path)]) + 1 for i in leaves
+    ):
+        stack = (layers.pop(),)
+        leaves = [dataclasses.replace(i, shape=tuple(i.shape[1:])) for i in leaves]
     for info in leaves:
         name = "/".join(info.path)
         if name not in axes:
@@ -234,7 +248,9 @@ def _schema_shapes(cfg: Any, leaves: Sequence[md.LeafInfo]) -> dict[tuple[str, .
             f"the config cannot be initialized at width {width}: {type(err).__name__}: "
             f"{str(err)[:300]}"
         ) from None
-    return {tuple(path): tuple(x.shape) for path, x in md.flatten(dict(out.get("params", {})))}
+    return {
+        tuple(path): stack + tuple(x.shape) for path, x in md.flatten(dict(out.get("params", {})))
+    }
 
 
 def _check_configs(entries: Sequence[md.AdapterEntry], source: str) -> None:

@@ -9,6 +9,7 @@ a changed adapter set is a changed static structure, hence a new trace.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 from typing import Any
@@ -24,17 +25,36 @@ from jadapters._adapter_set import (
     check_insertion,
     split_qualified_name,
 )
-from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, unbox
+from jadapters.adapters.base import (
+    AdapterMath,
+    apply_rule,
+    derive_weight_names,
+    is_box,
+    stack_size,
+    unbox,
+)
 from jadapters.kernels import kernel_layout
 from jadapters.linen.view import LinenView, ambiguous_position
 from jadapters.losses import AUX_LOSS_COLLECTION
 from jadapters.registry import build_adapter, config_of
+from jadapters.routing import route
 from jadapters.runtime import run_host
 from jadapters.storage import ADAPTER_COLLECTION
-from jadapters.targets import Target, path_str, unmatched_error
+from jadapters.targets import Target, has_layer_rules, layer_gate, path_str, unmatched_error
 
 # Set while ``init_adapters`` runs the model: check the targets as ``init`` does.
 _CHECK_TARGETS = contextvars.ContextVar("jadapters_check_targets", default=False)
+
+# Under a host's node of the "adapters" collection while the model runs (never stored):
+# ``{adapter name: bool[num_layers]}``, the layers of a scanned stack whose adapter acts
+# (``Target.layers``). ``nn.scan`` slices it with the adapter weights, one flag per layer.
+_GATES = "__layers__"
+
+SCAN_FIX = (
+    "add the adapter collection to the nn.scan's variable_axes, next to 'params': "
+    "nn.scan(..., variable_axes={'params': 0, jadapters.ADAPTER_COLLECTION: 0}, ...) (that is "
+    "'adapters': 0); for nn.vmap the same, in its variable_axes"
+)
 
 
 def _add(a, b):
@@ -124,7 +144,7 @@ class AdaptedLinen(nn.Module):
         cfg = config_of(cfg)
         module_cls = type(build_adapter(cfg))
         check_accepted(cfg, module_cls, self.accepted_types)
-        insertion = insertion or module_cls.default_insertion
+        insertion = insertion or build_adapter(cfg).default_insertion
         check_insertion(insertion)
         spec = AdapterSpec(name=bare, group=group, cfg=cfg, insertion=insertion)
         return self.clone(adapters=self.adapters.add(spec))
@@ -182,21 +202,106 @@ class AdaptedLinen(nn.Module):
 
     # ---- running ------------------------------------------------------------------------------
 
-    def __call__(self, *args, adapter_train: bool = False, **kwargs):
-        return self.call("__call__", *args, adapter_train=adapter_train, **kwargs)
+    def __call__(self, *args, adapter_train: bool = False, adapter_ids: Any = None, **kwargs):
+        return self.call(
+            "__call__", *args, adapter_train=adapter_train, adapter_ids=adapter_ids, **kwargs
+        )
 
-    def call(self, method: str, *args, adapter_train: bool = False, **kwargs):
+    def call(
+        self, method: str, *args, adapter_train: bool = False, adapter_ids: Any = None, **kwargs
+    ):
         """Runs the wrapped model's ``method`` with adapters, e.g.
-        ``adapted.apply(variables, "encode", x, method="call")``."""
+        ``adapted.apply(variables, "encode", x, method="call")``.
+
+        ``adapter_ids`` (one int per example; ``-1`` for the base alone) routes each example
+        through its own slot of every :class:`~jadapters.AdapterBank`, as
+        :func:`jadapters.route` does."""
         seen: list[tuple[str, Any, str]] = []
-        with nn.intercept_methods(self._interceptor(adapter_train, seen)):
+        routing = contextlib.nullcontext() if adapter_ids is None else route(adapter_ids)
+        with routing, nn.intercept_methods(self._interceptor(adapter_train, seen)):
             # Bound to this module's own scope, the model creates its variables, and derives
             # its PRNG streams, exactly as it does unwrapped.
-            model = self.model.clone(parent=self.scope, _deep_clone=True)
+            model = self._gated_model(method) or self.model.clone(
+                parent=self.scope, _deep_clone=True
+            )
             out = getattr(model, method)(*args, **kwargs)
         if self.is_initializing() or _CHECK_TARGETS.get():
             self._check_all_matched(seen)
         return out
+
+    def _layer_gates(self, adapters: Any) -> dict[str, dict[str, Any]]:
+        """``{host path: {adapter name: bool[num_layers]}}`` for every stacked host whose
+        group selects some of its layers only (``Target.layers``).
+
+        Raises:
+          ValueError: for a ``layers`` selection at a host whose weights have no layer axis,
+            or a layer index outside the stack.
+        """
+        rules = dict(self.groups)
+        layered = {s.name: s for s in self.adapters if has_layer_rules(rules.get(s.group, ()))}
+        out: dict[str, dict[str, Any]] = {}
+        if not layered:
+            return out
+
+        def walk(node: Any, prefix: tuple[str, ...]) -> None:
+            host = path_str(prefix)
+            for key, value in node.items():
+                spec = layered.get(str(key))
+                group_rules = () if spec is None else rules[spec.group]
+                if spec is not None and host and any(r.matches(host, None) for r in group_rules):
+                    size = stack_size(build_adapter(spec.cfg), value)
+                    if size is None:
+                        raise ValueError(
+                            f"targets of adapter module {spec.group!r} select layers (Target("
+                            "layers=...)), but the weights of adapter "
+                            f"{spec.name!r} at host {host!r} have no layer axis: that host is "
+                            "not inside a scanned layer stack (nn.scan). Drop layers=... from "
+                            "the rules matching it, or target the layers by path."
+                        )
+                    gate = layer_gate(group_rules, host, size)
+                    if gate is not None:
+                        out.setdefault(host, {})[spec.name] = jnp.asarray(gate)
+                elif hasattr(value, "items"):
+                    walk(value, (*prefix, str(key)))
+
+        walk(adapters, ())
+        return out
+
+    def _gated_model(self, method: str) -> nn.Module | None:
+        """The model bound to this scope through ``nn.map_variables``, which adds the layer
+        gates of :meth:`_layer_gates` to the ``"adapters"`` collection it sees (and drops them
+        from what it writes back); ``None`` when no host has a layer selection."""
+        stored = self.variables.get(ADAPTER_COLLECTION)
+        if not stored:
+            return None
+        gates = self._layer_gates(unbox(stored))
+        if not gates:
+            return None
+
+        def add(tree):
+            adapters = dict(tree.get(ADAPTER_COLLECTION, {}))
+            for host, flags in gates.items():
+                adapters = _with_gates(adapters, host.split("/"), flags)
+            return {**tree, ADAPTER_COLLECTION: adapters}
+
+        def drop(tree):
+            return {**tree, ADAPTER_COLLECTION: _without_gates(tree.get(ADAPTER_COLLECTION, {}))}
+
+        model = self.model
+        mapped = nn.map_variables(
+            type(model),
+            ADAPTER_COLLECTION,
+            trans_in_fn=add,
+            trans_out_fn=drop,
+            mutable=self.is_mutable_collection(ADAPTER_COLLECTION),
+            methods=[method],
+        )
+        fields = {
+            f.name: getattr(model, f.name)
+            for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")
+        }
+        return mapped(**fields, parent=self.scope)
 
     def init_adapters(self, rng: jax.Array, variables: Any, *args, **kwargs) -> dict:
         """Creates the weights of adapters that ``variables`` lacks; keeps all others.
@@ -275,7 +380,7 @@ class AdaptedLinen(nn.Module):
             if module is wrapper or module.scope is None:
                 return next_fun(*args, **kwargs)
             own = _root_scope(module)
-            if own is not root and not tuple(own.path):
+            if own is not root and not tuple(own.path) and _is_adapter_own(module):
                 return next_fun(*args, **kwargs)  # an adapter's own layers, not the model's
             path = _host_path(module)
             seen.append((path, module, context.method_name))
@@ -323,6 +428,29 @@ def _root_scope(module: nn.Module) -> Any:
     return scope
 
 
+def _is_adapter_own(module: nn.Module) -> bool:
+    """Whether ``module`` belongs to an adapter's forward (its top module is an adapter)."""
+    top = module
+    while isinstance(top.parent, nn.Module):
+        top = top.parent
+    return isinstance(top, AdapterMath)
+
+
+def _with_gates(tree: Any, keys: list[str], flags: dict) -> dict:
+    out = dict(tree)
+    if not keys:
+        out[_GATES] = flags
+        return out
+    out[keys[0]] = _with_gates(out.get(keys[0], {}), keys[1:], flags)
+    return out
+
+
+def _without_gates(tree: Any) -> Any:
+    if not hasattr(tree, "items"):
+        return tree
+    return {k: _without_gates(v) for k, v in tree.items() if k != _GATES}
+
+
 def _in_lifted_transform(module: nn.Module) -> bool:
     return bool(tuple(_root_scope(module).path))
 
@@ -357,11 +485,10 @@ class _LinenIO:
         if not scope.is_mutable_collection(ADAPTER_COLLECTION):
             if _in_lifted_transform(self.module):
                 raise ValueError(
-                    f"adapter {spec.name!r} cannot create weights at host {self.path!r}: the "
-                    "host runs inside a lifted transform (nn.scan, nn.vmap) that does not carry "
-                    "the 'adapters' collection. Adapters inside nn.scan/nn.vmap layer stacks "
-                    "are not supported; target modules outside the stack, or build the layers "
-                    "in a Python loop (no nn.scan)."
+                    f"adapter {spec.name!r} has no weights at host {self.path!r}: the host "
+                    "runs inside a lifted transform (nn.scan, nn.vmap) that does not carry the "
+                    f"{ADAPTER_COLLECTION!r} collection, so each layer cannot hold its own "
+                    f"adapter weights. To fix it, {SCAN_FIX}."
                 )
             raise ValueError(
                 f"adapter {spec.name!r} has no weights at host {self.path!r}: it was added after "
@@ -373,6 +500,14 @@ class _LinenIO:
         params = adapter.init(self.module.make_rng("params"), zeros, **kwargs)["params"]
         scope.put_variable(ADAPTER_COLLECTION, spec.name, self._boxed(spec, adapter, params))
         return params
+
+    def gate(self, spec: AdapterSpec) -> Any:
+        """Whether this layer of a scanned stack is selected for ``spec`` (``Target.layers``):
+        a boolean scalar, or ``None`` when every layer is."""
+        scope = self.module.scope
+        if not scope.has_variable(ADAPTER_COLLECTION, _GATES):
+            return None
+        return scope.get_variable(ADAPTER_COLLECTION, _GATES).get(spec.name)
 
     def _boxed(self, spec: AdapterSpec, adapter: Any, params: Any) -> Any:
         """``params`` boxed like the host's kernel, with axis names derived from its; as they

@@ -19,10 +19,10 @@ import flax.core
 import jax
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
-from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, unbox
+from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, stack_size, unbox
 from jadapters.registry import build_adapter
 from jadapters.storage import ADAPTER_COLLECTION
-from jadapters.targets import Target, path_str, pattern_matches
+from jadapters.targets import Target, layer_gate, path_str, pattern_matches
 from jadapters.view import FROZEN, TRAINABLE, AdapterWeights
 
 # (adapter name, host path) -> whether ``host`` is a target path of that adapter's group
@@ -232,6 +232,15 @@ class LinenView:
                 )
             out.append(AdapterWeights(spec, found[spec.name]))
         return out
+
+    def stack_gate(self, path: str, spec: AdapterSpec, params: Any) -> tuple[bool, ...] | None:
+        """``None`` for a host outside a layer stack; for one inside, one flag per layer: the
+        layers where adapter ``spec`` (whose weights at ``path`` are ``params``) acts."""
+        size = stack_size(build_adapter(spec.cfg), params)
+        if size is None:
+            return None
+        rules = dict(self.model.groups).get(spec.group, ())
+        return layer_gate(rules, path, size) or (True,) * size
 
     def host_base(self, path: str) -> Any:
         return unbox(_plain(_subtree(self.variables["params"], path))) or {}

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+import flax.core.meta
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,14 +26,14 @@ from jadapters._adapter_set import (
     check_name,
     split_qualified_name,
 )
-from jadapters.adapters.base import derive_weight_names
+from jadapters.adapters.base import apply_rule, derive_weight_names
 from jadapters.kernels import kernel_layout
-from jadapters.nnx.shell import NNXAdapter
+from jadapters.nnx.shell import NNXAdapter, stacked_shell
 from jadapters.nnx.view import NNXView
 from jadapters.registry import build_adapter, config_of
 from jadapters.runtime import run_host, run_stage
 from jadapters.storage import NNX_ADAPTER_ATTR, AdapterParam
-from jadapters.targets import path_str
+from jadapters.targets import layer_gate, path_str
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,25 +132,34 @@ def freeze_batchnorm(root: nnx.Module) -> int:
 _freeze_batchnorm = freeze_batchnorm
 
 
-def _check_not_stacked(host: Any) -> None:
-    """Raises for a host whose weights carry a layer-stack axis (``nnx.vmap``/``nnx.scan``)."""
+def _stack_size(host: Any) -> int | None:
+    """The layer count of a host inside an ``nnx.vmap``-built layer stack (its weights carry a
+    leading layer axis), or ``None`` for an ordinary host.
+
+    Raises:
+      ValueError: for weights stacked twice (a stack of stacks).
+    """
     for _, node in nnx.iter_graph(host):
         if isinstance(node, nnx.Linear):
-            stacked = node.kernel[...].ndim > 2
+            shape, natural = node.kernel[...].shape, 2
         elif isinstance(node, nnx.LinearGeneral):
-            stacked = node.kernel[...].ndim > len(node.in_features) + len(node.out_features)
+            shape = node.kernel[...].shape
+            natural = len(node.in_features) + len(node.out_features)
         elif isinstance(node, nnx.LayerNorm) and node.scale is not None:
-            stacked = node.scale[...].ndim > 1
+            shape, natural = node.scale[...].shape, 1
         else:
             continue
-        if stacked:
-            raise ValueError(
-                f"{getattr(type(host), '_jadapters_host_of', type(host)).__name__} holds "
-                "layer-stacked weights (built with nnx.vmap, run with nnx.scan); adapters on "
-                "the layers of an nnx.vmap/nnx.scan stack are not supported. Target modules "
-                "outside the stack, or build the layers as a list of modules called in a "
-                "Python loop."
-            )
+        if len(shape) == natural:
+            return None
+        if len(shape) == natural + 1:
+            return int(shape[0])
+        raise ValueError(
+            f"{getattr(type(host), '_jadapters_host_of', type(host)).__name__} holds weights "
+            f"of shape {tuple(shape)}, stacked over more than one axis (nested nnx.vmap); "
+            "adapters support one layer axis (an nnx.vmap-built stack run with nnx.scan). "
+            "Target the modules of a stack with one layer axis."
+        )
+    return None
 
 
 class _NNXHostIO:
@@ -168,6 +178,11 @@ class _NNXHostIO:
     def weights(self, spec, adapter, sample, out_features):
         return self._shell(spec).param_values()
 
+    def gate(self, spec):
+        """Whether this layer of a scanned stack is selected (``Target.layers``), or None."""
+        gate = getattr(self._shell(spec), "layer_gate", None)
+        return None if gate is None else gate[...]
+
     def key(self, spec):
         return self._shell(spec).next_key()
 
@@ -185,9 +200,16 @@ class _NNXHostIO:
         return getattr(self.host, NNX_ADAPTER_ATTR)[name]
 
 
-def _names_rule(host: Any, adapter: Any, insertion: str):
-    """``params -> axis names`` derived from ``host``'s kernel's ``out_sharding`` metadata;
-    ``None`` when the kernel has none (the adapter's weights then carry no sharding)."""
+def _names_rule(host: Any, adapter: Any, insertion: str, rule: Any = None, where=("", "")):
+    """``params -> axis names`` derived from ``host``'s kernel's ``out_sharding`` metadata,
+    then overridden by the model's sharding ``rule`` (``where``: the host's path and the
+    adapter's name, as the rule gets them); ``None`` when the kernel has none (the adapter's
+    weights then carry no sharding).
+
+    At a host inside a layer stack the params carry the layer axis first: the names are
+    derived for one layer (the rule sees those) and the layer axis takes the name the
+    stacked kernel gives its own (``nnx.vmap(transform_metadata={nnx.PARTITION_NAME: ...})``),
+    or ``None``."""
     kernel = getattr(host, "kernel", None)
     if not isinstance(kernel, nnx.Variable):
         return None
@@ -195,11 +217,59 @@ def _names_rule(host: Any, adapter: Any, insertion: str):
     if names is None or isinstance(names, jax.sharding.NamedSharding):
         return None
     names = tuple(names)
+    stacked = _stack_size(host) is not None
+    layer: tuple[Any, ...] = ()
+    if stacked:
+        ndim = kernel[...].ndim
+        if len(names) == ndim:
+            layer, names = names[:1], names[1:]
+        elif len(names) == ndim - 1:
+            layer = (None,)
+        else:
+            return None
     try:
-        in_dims = kernel_layout(host).in_dims
+        in_dims = kernel_layout(host, stacked=stacked).in_dims
     except ValueError:  # not a Dense-like host: its input axes are unknown
         in_dims = (0,)
-    return lambda params: derive_weight_names(adapter, params, names, in_dims, insertion)
+
+    def derive(params):
+        one = jax.tree.map(lambda p: p[0], params) if stacked else params
+        per_layer = apply_rule(
+            rule, *where, one, derive_weight_names(adapter, one, names, in_dims, insertion)
+        )
+        return jax.tree.map(
+            lambda n: (*layer, *n), per_layer, is_leaf=lambda n: isinstance(n, tuple)
+        )
+
+    return derive
+
+
+def name_axes(shell: Any, names: Any) -> None:
+    """Gives ``shell``'s weights the axis names ``names(params)`` (metadata; a weight already
+    placed on a mesh moves to its new sharding there)."""
+    is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+    variables = jax.tree.leaves(shell.params, is_leaf=is_var)
+    new = jax.tree.leaves(names(shell.param_values()), is_leaf=lambda v: isinstance(v, tuple))
+    for var, axes in zip(variables, new, strict=True):
+        var.set_metadata(out_sharding=axes)
+        value = var.get_value()
+        sharding = getattr(value, "sharding", None)
+        mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+        if mesh is None or mesh.empty:
+            mesh = flax.core.meta.get_global_mesh() if nnx.using_eager_sharding() else None
+        if mesh is not None and not mesh.empty:
+            placed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
+            var.set_value(jax.device_put(value, placed))
+
+
+def _rename_axes(host: Any, path: str, rule: Any) -> None:
+    """Gives the weights of ``host``'s adapters the axis names ``rule`` says (metadata; a
+    weight already placed on a mesh moves to its new sharding there)."""
+    for spec in host._adapter_set():
+        shell = host.get_adapter_module(spec.name)
+        names = _names_rule(host, shell.module, spec.insertion, rule, (path, spec.name))
+        if names is not None:
+            name_axes(shell, names)
 
 
 def _adapter_mode(root: Any) -> bool | None:
@@ -306,38 +376,63 @@ class AdapterModuleMixin:
         )
         self._attach_adapter(shell, new_set)
 
-    def _prepare_adapter(self, name, cfg, *, rngs, insertion, in_features, dtype):
-        """Checks everything and builds the adapter, without touching the module."""
+    def _prepare_adapter(
+        self, name, cfg, *, rngs, insertion, in_features, dtype, sharding=(None, ""), rules=()
+    ):
+        """Checks everything and builds the adapter, without touching the module;
+        ``sharding`` is ``(the model's sharding rule, this host's path)``; ``rules`` the target
+        rules that put it here (their ``layers`` select layers of a stacked host)."""
         bare = name.rpartition(":")[2] if isinstance(name, str) else name
         cfg = config_of(cfg)
         module_cls = type(build_adapter(cfg))
         check_accepted(cfg, module_cls, self.get_accepted_adapter_types())
-        insertion = insertion or module_cls.default_insertion
+        insertion = insertion or build_adapter(cfg).default_insertion
         check_insertion(insertion)
         spec = AdapterSpec(name=bare, group="", cfg=cfg, insertion=insertion)
         new_set = self._adapter_set().add(spec)
-        _check_not_stacked(self)
+        stack = _stack_size(self)
+        gate = None
+        if any(getattr(r, "layers", None) is not None for r in rules):
+            if stack is None:
+                raise ValueError(
+                    f"targets select layers (Target(layers=...)) of host {sharding[1]!r}, but "
+                    "it is not inside a layer stack (nnx.vmap-built, run with nnx.scan). Drop "
+                    "layers=... from the rules matching it."
+                )
+            gate = layer_gate(rules, sharding[1], stack)
         out_features = None
         if insertion == "weight":
-            layout = kernel_layout(self)
+            layout = kernel_layout(self, stacked=stack is not None)
             features, out_features = layout.in_features, layout.out_features
         else:
             features = getattr(cfg, "in_features", None) or in_features
             features = features or _infer_in_features(self, insertion)
-            if getattr(module_cls, "needs_out_features", False):
+            if getattr(build_adapter(cfg), "needs_out_features", False):
                 out_features = _infer_in_features(self, "output")
         if features is None:
             raise ValueError(
                 f"cannot infer the input width of adapter {bare!r} on {type(self).__name__}: "
                 "pass in_features=... to add_adapter or set it in the config."
             )
+        if stack is not None:
+            shell = stacked_shell(
+                stack, gate, cfg, (1, features), rngs=rngs, dtype=dtype, out_features=out_features
+            )
+            names = _names_rule(
+                self, build_adapter(cfg), insertion, sharding[0], (sharding[1], bare)
+            )
+            if names is not None:
+                name_axes(shell, names)
+            return shell, new_set
         shell = NNXAdapter(
             cfg,
             (1, features),
             rngs=rngs,
             dtype=dtype,
             out_features=out_features,
-            names=_names_rule(self, build_adapter(cfg), insertion),
+            names=_names_rule(
+                self, build_adapter(cfg), insertion, sharding[0], (sharding[1], bare)
+            ),
         )
         return shell, new_set
 
@@ -604,7 +699,13 @@ class AdapterModelMixin:
             insertion = insertion or type(build_adapter(cfg)).default_insertion
             self.get_adapter_specs().add(AdapterSpec(bare, path, cfg, insertion))  # unique
             shell, host_set = host._prepare_adapter(
-                bare, cfg, rngs=rngs, insertion=insertion, in_features=in_features, dtype=dtype
+                bare,
+                cfg,
+                rngs=rngs,
+                insertion=insertion,
+                in_features=in_features,
+                dtype=dtype,
+                sharding=(getattr(self, "_sharding_rule", None), path),
             )
             host._attach_adapter(shell, host_set, mode=_adapter_mode(self))
             return
@@ -616,13 +717,13 @@ class AdapterModelMixin:
                 "return the modules it adapts, or pick another module."
             )
         cfg = config_of(cfg)
-        module_cls = type(build_adapter(cfg))
-        insertion = insertion or module_cls.default_insertion
+        insertion = insertion or build_adapter(cfg).default_insertion
         spec = AdapterSpec(name=bare, group=group, cfg=cfg, insertion=insertion)
         self.get_adapter_specs().add(spec)  # unique across the model, host-level ones included
         new_set = self._model_adapter_set().add(spec)
         # Build every host's adapter first, attach only when all succeeded: a failure leaves
         # the model as it was.
+        rule, paths = getattr(self, "_sharding_rule", None), self._host_paths()
         prepared = [
             (
                 host,
@@ -633,6 +734,8 @@ class AdapterModelMixin:
                     insertion=insertion,
                     in_features=in_features,
                     dtype=dtype,
+                    sharding=(rule, paths.get(id(host), "")),
+                    rules=dict(getattr(self, "_adapter_rules", ())).get(group, ()),
                 ),
             )
             for host in self.adapter_group_modules(group)
@@ -641,6 +744,27 @@ class AdapterModelMixin:
         for host, (shell, host_set) in prepared:
             host._attach_adapter(shell, host_set, mode=mode)
         self._model_adapters_spec = new_set
+
+    def _host_paths(self) -> dict[int, str]:
+        return {id(host): path for path, host in self._adapter_hosts().items()}
+
+    def with_sharding(self, rule: Any) -> AdapterModelMixin:
+        """Makes adapter weights take their axis names from ``rule``; changes the model in
+        place (as NNX does) and returns it.
+
+        At a host whose kernel has ``out_sharding`` metadata, each adapter weight gets axis
+        names derived from the kernel's (LoRA ``a``: the kernel's input axis and ``None``;
+        ``b``: ``None`` and its output axis; IA3 and bottlenecks: the axis they sit on), as its
+        ``out_sharding`` metadata. ``rule(host_path, adapter_name, param_path, derived)``
+        returns the names to use instead (one per axis; ``derived`` to keep them), for the
+        adapters already there and those added later through the model. A weight already on
+        a mesh moves to its new sharding. Hosts with plain kernels are unaffected. ``None``
+        removes the rule (back to the derived names). As ``AdaptedLinen.with_sharding``.
+        """
+        self._sharding_rule = rule
+        for path, host in self._adapter_hosts().items():
+            _rename_axes(host, path, rule)
+        return self
 
     def remove_adapter(self, name: str) -> None:
         """Removes adapter ``name`` (or ``"module:name"``) and its weights from every host."""

@@ -163,3 +163,37 @@ def _add(a, b):
 
 def _zero():
     return jnp.zeros((), jnp.float32)
+
+
+class AdapterLayerGate(nnx.Variable):
+    """Which layers of a scanned stack an adapter acts on (``Target.layers``): one flag per
+    layer, sliced with the adapter's weights by ``nnx.scan``. Not a parameter: it is neither
+    trained nor saved (the targets recreate it)."""
+
+
+def stacked_shell(
+    num_layers: int,
+    gate: Sequence[bool] | None,
+    cfg: Any,
+    sample_shape: Sequence[int],
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = jnp.float32,
+    out_features: int | None = None,
+) -> NNXAdapter:
+    """An :class:`NNXAdapter` for a host inside an ``nnx.vmap``-built layer stack: its weights
+    carry a leading layer axis of ``num_layers`` (each layer initialized with its own key, as
+    the stack's own layers are), so ``nnx.scan`` gives each layer its own adapter. ``gate``
+    (one flag per layer, or ``None`` for all) marks the layers whose adapter acts."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers)
+    def create(layer_rngs: nnx.Rngs) -> NNXAdapter:
+        return NNXAdapter(
+            cfg, sample_shape, rngs=layer_rngs, dtype=dtype, out_features=out_features
+        )
+
+    shell = create(rngs)
+    if gate is not None:
+        shell.layer_gate = AdapterLayerGate(jnp.asarray(gate, jnp.bool_))
+    return shell

@@ -119,6 +119,7 @@ def transform_nnx(model: nnx.Module, groups, *, accepted_types=()) -> nnx.Module
             if accepted_types:
                 m.set_accepted_adapter_types(accepted_types)
     model.__class__ = model_class(type(model))
+    model._adapter_rules = tuple((group, tuple(rules)) for group, rules in groups)
     model._adapter_groups = tuple(
         (group, tuple(canonical[id(m)] for m in hosts)) for group, hosts in found.items()
     )

@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
+from jadapters.adapters.base import stack_size
 from jadapters.kernels import kernel_layout
 from jadapters.registry import build_adapter
 from jadapters.storage import NNX_ADAPTER_ATTR, AdapterParam
@@ -104,6 +105,16 @@ class NNXView:
             out.append(AdapterWeights(spec, hosts))
         return out
 
+    def stack_gate(self, path: str, spec: AdapterSpec, params: Any) -> tuple[bool, ...] | None:
+        """``None`` for a host outside a layer stack; for one inside, one flag per layer: the
+        layers where adapter ``spec`` (whose weights at ``path`` are ``params``) acts."""
+        size = stack_size(build_adapter(spec.cfg), params)
+        if size is None:
+            return None
+        shell = self._all_hosts()[path].get_adapter_module(spec.name)
+        gate = getattr(shell, "layer_gate", None)
+        return (True,) * size if gate is None else tuple(bool(g) for g in gate[...])
+
     def host_base(self, path: str) -> dict:
         return _host_base(self._all_hosts()[path])
 
@@ -115,7 +126,11 @@ class NNXView:
         layouts = {}
         for path, host in self._all_hosts().items():
             if getattr(host, "kernel", None) is not None:
-                layouts[path] = kernel_layout(host)
+                stacked = any(
+                    stack_size(shell.module, shell.param_values()) is not None
+                    for shell in dict(getattr(host, NNX_ADAPTER_ATTR, None) or {}).values()
+                )
+                layouts[path] = kernel_layout(host, stacked=stacked)
         return layouts
 
     def replace_base(self, hosts: Mapping[str, Mapping[str, Any]]) -> nnx.State:
@@ -217,9 +232,10 @@ def _saved_width(spec: AdapterSpec, hosts: Mapping[str, Any]) -> int | None:
         found = None
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
             names = axes.get("/".join(_key(k) for k in path), ())
+            shift = 1 if len(x.shape) == len(names) + 1 else 0  # a layer stack's weights
             for axis, name in enumerate(names):
-                if name in ("features", "in") and axis < len(x.shape):
-                    found = int(x.shape[axis])
+                if name in ("features", "in") and axis + shift < len(x.shape):
+                    found = int(x.shape[axis + shift])
                     break
             if found is not None:
                 break

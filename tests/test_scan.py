@@ -1,0 +1,479 @@
+"""Adapters inside scanned layer stacks: Linen ``nn.scan`` and NNX ``nnx.scan`` over an
+``nnx.vmap``-built stack.
+
+Every check compares with the same model unrolled into a Python loop (same base weights, the
+adapters on the selected layers only): outputs and adapter gradients, identity at init,
+frozen base under training, merge, checkpoint round trip and disable.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jadapters
+
+L = 4
+SEL = (2, 3)  # the last two layers
+X = jax.random.normal(jax.random.key(3), (2, 4))
+TOL = dict(rtol=1e-5, atol=1e-5)
+CONFIGS = {
+    "lora": jadapters.LoRAConfig(rank=2),
+    "ia3": jadapters.IA3Config(),
+    "bottleneck": jadapters.LinearAdapterConfig(dim=2),
+}
+
+
+def noise(tree, seed=5):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten(
+        [
+            x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+            for x, k in zip(leaves, keys, strict=True)
+        ]
+    )
+
+
+# --- Linen -----------------------------------------------------------------------------------
+
+
+class LinenLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return jnp.tanh(nn.Dense(4, name="mlp")(x)), None
+
+
+class LinenScanned(nn.Module):
+    remat: str = ""  # "", "inside" (nn.remat of the layer) or "outside" (of the scan)
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.remat(LinenLayer) if self.remat == "inside" else LinenLayer
+        scan = nn.scan(
+            layer,
+            variable_axes={"params": 0, jadapters.ADAPTER_COLLECTION: 0},
+            split_rngs={"params": True},
+            length=L,
+        )
+        if self.remat == "outside":
+            scan = nn.remat(scan)
+        return scan(name="layers")(x, None)[0]
+
+
+class LinenUnrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(L):
+            x, _ = LinenLayer(name=f"layers_{i}")(x)
+        return x
+
+
+def linen_pair(cfg, remat=""):
+    scanned = jadapters.adapter_transform(
+        LinenScanned(remat), jadapters.Target(pattern="layers/mlp", layers=SEL)
+    ).add_adapter("s", cfg)
+    variables = scanned.init(jax.random.key(0), X)
+    variables = {**variables, "adapters": noise(variables["adapters"])}
+    unrolled = jadapters.adapter_transform(
+        LinenUnrolled(), [f"layers_{i}/mlp" for i in SEL]
+    ).add_adapter("s", cfg)
+    slice_at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    uvars = {
+        "params": {f"layers_{i}": slice_at(variables["params"]["layers"], i) for i in range(L)},
+        "adapters": {f"layers_{i}": slice_at(variables["adapters"]["layers"], i) for i in SEL},
+    }
+    return scanned, variables, unrolled, uvars
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_linen_scanned_equals_unrolled_on_selected_layers(kind):
+    scanned, v, unrolled, uv = linen_pair(CONFIGS[kind])
+    shapes = jax.tree.map(jnp.shape, v["adapters"]["layers"]["mlp"]["s"])
+    assert all(s[0] == L for s in jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))
+    np.testing.assert_allclose(scanned.apply(v, X), unrolled.apply(uv, X), **TOL)
+
+    def grads(model, variables):
+        f = lambda a: model.apply({**variables, "adapters": a}, X).sum()  # noqa: E731
+        return jax.grad(f)(variables["adapters"])
+
+    g, gu = grads(scanned, v), grads(unrolled, uv)
+    for leaf in jax.tree.leaves(g):
+        assert not np.any(np.asarray(leaf[: SEL[0]]))  # unselected layers: no gradient
+    for i in SEL:
+        got = jax.tree.map(lambda a, i=i: a[i], g["layers"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, gu[f"layers_{i}"])
+
+
+@pytest.mark.parametrize("remat", ["inside", "outside"])
+def test_linen_scan_with_remat(remat):
+    scanned, v, unrolled, uv = linen_pair(CONFIGS["lora"], remat)
+    np.testing.assert_allclose(scanned.apply(v, X), unrolled.apply(uv, X), **TOL)
+
+
+def test_linen_identity_at_init_disable_and_frozen_base_training():
+    scanned = jadapters.adapter_transform(
+        LinenScanned(), jadapters.Target(pattern="layers/mlp", layers=SEL)
+    ).add_adapter("s", CONFIGS["lora"])
+    v = scanned.init(jax.random.key(0), X)
+    base_out = LinenScanned().apply({"params": v["params"]}, X)
+    assert np.array_equal(scanned.apply(v, X), base_out)
+    params = jax.tree.map(np.array, v["params"])
+    step = jadapters.linen_train_step(
+        scanned, lambda apply, x: jnp.mean((apply(x) - 1.0) ** 2), optax.adam(0.05)
+    )
+    adapters, state = v["adapters"], step.init(v["adapters"])
+    losses = []
+    for i in range(3):
+        adapters, state, metrics = step(
+            adapters, state, {"params": v["params"]}, X, jax.random.key(i)
+        )
+        losses.append(float(metrics["loss"]))
+    assert losses[2] < losses[0]
+    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.array, v["params"]))
+    trained = {**v, "adapters": adapters}
+    assert not np.allclose(scanned.apply(trained, X), base_out)
+    off = scanned.set_enabled_adapters(enabled=False)
+    assert np.array_equal(off.apply(trained, X), base_out)
+
+
+def test_linen_merge_and_checkpoint_round_trip(tmp_path):
+    scanned, v, _, _ = linen_pair(CONFIGS["lora"])
+    merged = jadapters.merge_adapters(scanned, v)
+    np.testing.assert_allclose(
+        LinenScanned().apply({"params": merged}, X), scanned.apply(v, X), **TOL
+    )
+    path = jadapters.save_adapters(str(tmp_path / "ckpt"), scanned, v)
+    fresh = jadapters.adapter_transform(
+        LinenScanned(), jadapters.Target(pattern="layers/mlp", layers=SEL)
+    )
+    model, loaded = jadapters.load_adapters(path, fresh, {"params": v["params"]})
+    np.testing.assert_array_equal(model.apply(loaded, X), scanned.apply(v, X))
+
+
+def test_linen_scan_without_the_collection_names_the_fix():
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(
+                LinenLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+            )
+            return scan(name="layers")(x, None)[0]
+
+    adapted = jadapters.adapter_transform(Plain(), "layers/mlp").add_adapter("s", CONFIGS["lora"])
+    with pytest.raises(ValueError, match=r"variable_axes=\{'params': 0, jadapters\.ADAPTER_COLL"):
+        adapted.init(jax.random.key(0), X)
+
+
+def test_layer_selection_outside_a_stack_and_out_of_range_are_refused():
+    adapted = jadapters.adapter_transform(
+        LinenUnrolled(), jadapters.Target(pattern="layers_0/mlp", layers=(0,))
+    ).add_adapter("s", CONFIGS["lora"])
+    v = adapted.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="not inside a scanned layer stack"):
+        adapted.apply(v, X)
+    far = jadapters.adapter_transform(
+        LinenScanned(), jadapters.Target(pattern="layers/mlp", layers=(9,))
+    ).add_adapter("s", CONFIGS["lora"])
+    v = far.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"layers=\(9,\).*out of range"):
+        far.apply(v, X)
+    with pytest.raises(ValueError, match="layers must be"):
+        jadapters.Target(pattern="a", layers="last")
+
+
+# --- NNX -------------------------------------------------------------------------------------
+
+
+class NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.mlp = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.mlp(x))
+
+
+class NNXScanned(nnx.Module):
+    def __init__(self):
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return NNXBlock(rngs)
+
+        self.layers = create(nnx.Rngs(0))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.layers)
+
+
+class NNXUnrolled(nnx.Module):
+    def __init__(self, stacked):
+        self.layers = nnx.List([NNXBlock(nnx.Rngs(0)) for _ in range(L)])
+        for i, block in enumerate(self.layers):
+            block.mlp.kernel[...] = stacked.layers.mlp.kernel[...][i]
+            block.mlp.bias[...] = stacked.layers.mlp.bias[...][i]
+
+    def __call__(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def adapter_dict(model):
+    return nnx.to_pure_dict(nnx.state(model, jadapters.AdapterParam))
+
+
+def set_adapters(model, tree):
+    state = nnx.state(model, jadapters.AdapterParam)
+    nnx.replace_by_pure_dict(state, tree)
+    nnx.update(model, state)
+
+
+def nnx_pair(cfg):
+    stack = NNXScanned()
+    unrolled = jadapters.adapter_transform(NNXUnrolled(stack), [f"layers/{i}/mlp" for i in SEL])
+    scanned = jadapters.adapter_transform(stack, jadapters.Target(pattern="layers/mlp", layers=SEL))
+    scanned.add_adapter("s", cfg, rngs=nnx.Rngs(1))
+    unrolled.add_adapter("s", cfg, rngs=nnx.Rngs(1))
+    noisy = noise(adapter_dict(scanned))
+    set_adapters(scanned, noisy)
+    per_layer = adapter_dict(unrolled)
+    stacked = noisy["layers"]["mlp"]["adapter_layer"]["s"]
+    for i in SEL:
+        per_layer["layers"][i]["mlp"]["adapter_layer"]["s"] = jax.tree.map(
+            lambda a, i=i: a[i], stacked
+        )
+    set_adapters(unrolled, per_layer)
+    return scanned, unrolled
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_nnx_scanned_equals_unrolled_on_selected_layers(kind):
+    scanned, unrolled = nnx_pair(CONFIGS[kind])
+    np.testing.assert_allclose(scanned(X), unrolled(X), **TOL)
+
+    def grads(model):
+        diff = nnx.DiffState(0, jadapters.AdapterParam)
+        return nnx.to_pure_dict(nnx.grad(lambda m: m(X).sum(), argnums=diff)(model))
+
+    g, gu = grads(scanned), grads(unrolled)
+    stacked = g["layers"]["mlp"]["adapter_layer"]["s"]
+    for leaf in jax.tree.leaves(stacked):
+        assert leaf.shape[0] == L and not np.any(np.asarray(leaf[: SEL[0]]))
+    for i in SEL:
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, **TOL),
+            jax.tree.map(lambda a, i=i: a[i], stacked),
+            gu["layers"][i]["mlp"]["adapter_layer"]["s"],
+        )
+
+
+def test_nnx_identity_training_merge_disable_and_checkpoint(tmp_path):
+    model = jadapters.adapter_transform(
+        NNXScanned(), jadapters.Target(pattern="layers/mlp", layers=SEL)
+    )
+    base_out = model(X)
+    model.add_adapter("s", CONFIGS["lora"], rngs=nnx.Rngs(1))
+    assert np.array_equal(model(X), base_out)  # identity at init
+    base = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    optimizer = jadapters.adapter_optimizer(model, optax.adam(0.05))
+    step = jadapters.nnx_train_step(lambda m, x: jnp.mean((m(x) - 1.0) ** 2))
+    losses = [float(step(model, optimizer, X)["loss"]) for _ in range(3)]
+    assert losses[2] < losses[0]
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, base, jax.tree.map(np.array, after))
+    out = model(X)
+    assert not np.allclose(out, base_out)
+    # merge: the stacked kernel, folded layer by layer on the selected layers only
+    merged = jadapters.merge_adapters(model)
+    plain = NNXScanned()
+    nnx.update(plain, merged)
+    np.testing.assert_allclose(plain(X), out, **TOL)
+    np.testing.assert_array_equal(
+        plain.layers.mlp.kernel[...][: SEL[0]], base["layers"]["mlp"]["kernel"][: SEL[0]]
+    )
+    # checkpoint round trip into a fresh model
+    path = jadapters.save_adapters(str(tmp_path / "ckpt"), model)
+    fresh = jadapters.adapter_transform(
+        NNXScanned(), jadapters.Target(pattern="layers/mlp", layers=SEL)
+    )
+    jadapters.load_adapters(path, fresh)
+    np.testing.assert_array_equal(fresh(X), out)
+    model.set_enabled_adapters(enabled=False)
+    assert np.array_equal(model(X), base_out)
+
+
+# --- routing inside a scanned stack --------------------------------------------------------
+
+BANK = jadapters.AdapterBankConfig(adapter=jadapters.LoRAConfig(rank=2), slots=3)
+
+
+@pytest.mark.parametrize("ids", [(2, -1), (0, 1)])
+def test_linen_routing_in_a_scanned_stack_equals_unrolled(ids):
+    scanned, v, unrolled, uv = linen_pair(BANK)
+    ids = jnp.asarray(ids)
+    np.testing.assert_allclose(
+        scanned.apply(v, X, adapter_ids=ids), unrolled.apply(uv, X, adapter_ids=ids), **TOL
+    )
+    # a slot of a scanned bank holds one adapter per layer
+    one = jadapters.slot_weights(scanned, v, bank="s", slot=1)["layers/mlp"]
+    assert one["a"].shape == (L, 4, 2)
+    v2 = jadapters.put_slot(scanned, v, bank="s", slot=1, weights={"layers/mlp": noise(one, 9)})
+    got = jadapters.slot_weights(scanned, v2, bank="s", slot=1)["layers/mlp"]
+    jax.tree.map(np.testing.assert_array_equal, got, noise(one, 9))
+    untouched = jadapters.slot_weights(scanned, v2, bank="s", slot=0)["layers/mlp"]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        untouched,
+        jadapters.slot_weights(scanned, v, bank="s", slot=0)["layers/mlp"],
+    )
+
+
+def test_nnx_routing_in_a_scanned_stack_equals_unrolled():
+    scanned, unrolled = nnx_pair(BANK)
+    ids = jnp.asarray([2, 0])
+    with jadapters.route(ids):
+        np.testing.assert_allclose(scanned(X), unrolled(X), **TOL)
+
+
+# --- sharding names of a scanned stack's adapters ------------------------------------------
+
+PARTITIONED = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+EXPECTED_SPECS = {
+    "i": {"scale": ("layers", "mlp")},
+    "l": {"a": ("layers", "embed", None), "b": ("layers", None, "mlp")},
+}
+
+
+class LinenBoxedLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return jnp.tanh(nn.Dense(4, kernel_init=PARTITIONED, name="mlp")(x)), None
+
+
+class LinenBoxedScanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(
+            LinenBoxedLayer,
+            variable_axes={"params": 0, jadapters.ADAPTER_COLLECTION: 0},
+            split_rngs={"params": True},
+            length=L,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return scan(name="layers")(x, None)[0]
+
+
+def test_linen_scanned_adapters_take_the_stack_axis_name():
+    model = jadapters.adapter_transform(LinenBoxedScanned(), "layers/mlp")
+    model = model.add_adapter("l", jadapters.LoRAConfig(rank=2)).add_adapter(
+        "i", jadapters.IA3Config()
+    )
+    variables = model.init(jax.random.key(0), X)
+    specs = nn.get_partition_spec(variables)["adapters"]["layers"]["mlp"]
+    assert jax.tree.map(tuple, specs) == EXPECTED_SPECS
+
+
+class NNXBoxedBlock(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+        self.mlp = nnx.Linear(4, 4, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.mlp(x))
+
+
+class NNXBoxedScanned(nnx.Module):
+    def __init__(self, layer_name):
+        metadata = {nnx.PARTITION_NAME: layer_name} if layer_name else {}
+
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=metadata)
+        def create(rngs):
+            return NNXBoxedBlock(rngs)
+
+        self.layers = create(nnx.Rngs(0))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.layers)
+
+
+@pytest.mark.parametrize("layer_name", ["layers", None])
+def test_nnx_scanned_adapters_take_the_stack_axis_name(layer_name):
+    mesh = jax.make_mesh((1, 1, 1), ("layers", "embed", "mlp"))
+    with jax.set_mesh(mesh):
+        model = jadapters.adapter_transform(NNXBoxedScanned(layer_name), "layers/mlp")
+        model.add_adapter("l", jadapters.LoRAConfig(rank=2), rngs=nnx.Rngs(1))
+        model.add_adapter("i", jadapters.IA3Config(), rngs=nnx.Rngs(1))
+        specs = nnx.get_partition_spec(nnx.state(model, jadapters.AdapterParam))
+        got = nnx.to_pure_dict(specs)["layers"]["mlp"]["adapter_layer"]
+        got = {n: jax.tree.map(tuple, got[n]["params"]) for n in got}
+        expected = jax.tree.map(
+            lambda names: (layer_name, *names[1:]),
+            EXPECTED_SPECS,
+            is_leaf=lambda t: isinstance(t, tuple),
+        )
+        assert got == expected
+        # a rule overrides the per-layer names; the layer axis keeps its own
+        model.with_sharding(lambda host, adapter, param, derived: (None,) * len(derived))
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, jadapters.AdapterParam)))
+        assert tuple(specs["layers"]["mlp"]["adapter_layer"]["l"]["params"]["a"]) == (
+            layer_name,
+            None,
+            None,
+        )
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
+def test_linen_scanned_sharded_step_equals_one_device():
+    """A scanned, sharded stack (kernels split over a 2x4 mesh): Adam steps on the mesh give
+    the one-device adapter weights; the adapters sit on their derived shardings."""
+
+    model = jadapters.adapter_transform(LinenBoxedScanned(), "layers/mlp")
+    model = model.add_adapter("l", jadapters.LoRAConfig(rank=2))
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    boxed = model.init(jax.random.key(0), x)
+    variables = nn.unbox(boxed)
+    variables = {**variables, "adapters": noise(variables["adapters"])}
+    tx = optax.adam(0.1)
+    step = jadapters.linen_train_step(
+        model, lambda apply, x: jnp.sum(apply(x) ** 2), tx, donate=False
+    )
+
+    def run(adapters, base):
+        state = step.init(adapters)
+        for i in range(2):
+            adapters, state, _ = step(adapters, state, base, x, jax.random.key(i))
+        return adapters
+
+    expected = run(variables["adapters"], {"params": variables["params"]})
+    mesh = jax.make_mesh((2, 4), ("embed", "mlp"))
+    # the stack's "layers" axis maps to no mesh axis (nn.scan refuses a split scan axis), as
+    # MaxText's logical rules map it
+    specs = jax.tree.map(
+        lambda p: jax.sharding.PartitionSpec(*(None if n == "layers" else n for n in p)),
+        nn.get_partition_spec(boxed),
+        is_leaf=lambda p: isinstance(p, jax.sharding.PartitionSpec),
+    )
+    placed = jax.tree.map(
+        lambda v, p: jax.device_put(v, jax.sharding.NamedSharding(mesh, p)), variables, specs
+    )
+    got = run(placed["adapters"], {"params": placed["params"]})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, expected)
+    lora = got["layers"]["mlp"]["l"]
+    assert lora["a"].sharding.spec == jax.sharding.PartitionSpec(None, "embed", None)
+    assert lora["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "mlp")
+    assert lora["a"].sharding.mesh.shape == mesh.shape
