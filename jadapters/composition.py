@@ -17,11 +17,15 @@ adapters), ``x_i`` what adapter ``i`` would be fed alone there and
   outputs (equal weights: their mean);
 * :class:`BatchSplit`: rows ``sizes[0]`` of the leading axis through the first member alone,
   the next ``sizes[1]`` through the second, and so on.
+* :class:`Fuse`: ``strategy(s, sum_n a_n * (d_n @ Wv))`` with ``d_n = y_n - s`` and
+  ``a_n = softmax_n(<s @ Wq + bq, d_n @ Wk + bk> / T)``: AdapterFusion, whose weights are
+  those of the fusion adapter the block names (:class:`~jadapters.AdapterFusion`).
 
 A disabled member is left out: :class:`Parallel` adds no delta for it, :class:`Average`
-normalises the weights of the enabled members only, and :class:`BatchSplit` passes its rows
-through unchanged. All members must run in the same stage: ``input`` adapters, ``weight``
-adapters (LoRA), or ``output``/``parallel`` adapters.
+normalises the weights of the enabled members only, :class:`Fuse` attends over the enabled
+members only, and :class:`BatchSplit` passes its rows through unchanged. All members must run
+in the same stage: ``input`` adapters, ``weight`` adapters (LoRA), or ``output``/``parallel``
+adapters.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jadapters._checks import show
+from jadapters.adapters.fusion import AdapterFusionConfig
 
 # insertion -> stage: the adapters of one block run together in one stage of the host call.
 STAGES = {"input": "input", "weight": "weight", "output": "output", "parallel": "output"}
@@ -225,7 +230,78 @@ class BatchSplit:
             )
 
 
-BLOCKS: tuple[type, ...] = (Stack, Parallel, Average, BatchSplit)
+@dataclasses.dataclass(frozen=True, init=False, repr=False)
+class Fuse:
+    """AdapterFusion (Pfeiffer et al. 2021): attention over the adapters' outputs, queried
+    by the stream, through a trainable fusion adapter.
+
+    ``fusion`` names an adapter of the same group whose config is a
+    :class:`~jadapters.AdapterFusionConfig`; it holds the fusion's query, key and value
+    projections as ordinary adapter weights (listed, trained, saved and loaded like any
+    adapter's). With ``d_n = y_n - s`` the enabled members' deltas::
+
+        a_n = softmax_n(<s @ Wq + bq, d_n @ Wk + bk> / T)
+        out = strategy(s, sum_n a_n * (d_n @ Wv))     (residual add: s + ...)
+
+    (see :class:`~jadapters.AdapterFusion` for the initialisation: uniform attention and
+    ``Wv`` ~ identity, so that the block starts at the members' mean output).
+
+    Like every block, ``adapters`` lists every adapter the block runs, here the fused ones
+    and then the fusion adapter; :attr:`fused` lists the fused ones. To train the fusion
+    alone, keep the members enabled and train only it (``trainable=["<fusion>"]`` of
+    :func:`jadapters.linen_train_step` and :func:`jadapters.adapter_optimizer`). A disabled
+    fusion adapter turns the block off: the enabled members then run as a chain, as without
+    a block. Members must be output, parallel or input adapters: a fusion attends over
+    outputs, and a weight adapter (LoRA) has none of its own at a host (use ``Parallel`` or
+    ``Average`` there).
+
+    >>> block = Fuse("a", "b", fusion="ab")
+    >>> block.fused, block.fusion, block.adapters
+    (('a', 'b'), 'ab', ('a', 'b', 'ab'))
+    >>> block
+    Fuse(adapters=('a', 'b'), fusion='ab')
+    """
+
+    adapters: tuple[str, ...]
+    fusion: str
+
+    def __init__(
+        self,
+        *names: str,
+        adapters: Sequence[str] | None = None,
+        fusion: str | None = None,
+    ):
+        names = _names("Fuse", names, adapters)
+        if not isinstance(fusion, str) or not fusion or ":" in fusion:
+            raise ValueError(
+                f"Fuse needs fusion=, the name of an adapter of the group with an "
+                f"AdapterFusionConfig (str, without the 'group:'), got fusion={show(fusion)}; "
+                f"e.g. Fuse({', '.join(map(repr, names))}, fusion='fusion')."
+            )
+        if fusion in names:
+            raise ValueError(
+                f"Fuse fusion={fusion!r} is also among the fused adapters={show(names)}; the "
+                "fusion adapter attends over the others: name it in fusion= only."
+            )
+        if len(names) < 2:
+            raise ValueError(
+                f"Fuse fuses two or more adapters, got adapters={show(names)}; with one, run "
+                "it alone (no block)."
+            )
+        object.__setattr__(self, "adapters", (*names, fusion))
+        object.__setattr__(self, "fusion", fusion)
+
+    @property
+    def fused(self) -> tuple[str, ...]:
+        """The adapters attended over, in the block's order (``adapters`` without the
+        fusion adapter)."""
+        return self.adapters[:-1]
+
+    def __repr__(self) -> str:
+        return f"Fuse(adapters={self.fused!r}, fusion={self.fusion!r})"
+
+
+BLOCKS: tuple[type, ...] = (Stack, Parallel, Average, BatchSplit, Fuse)
 
 
 def check_block(block: Any) -> None:
@@ -254,11 +330,58 @@ def check_members(group: str, block: Any, specs: Sequence[Any]) -> None:
                 f"{group!r}; a block combines the adapters of one group (its hosts), which are "
                 f"{in_group}."
             )
+    if isinstance(block, Fuse):
+        _check_fuse(block, by_name)
     stages = {n: by_name[n].insertion for n in block.adapters}
     if len({STAGES[i] for i in stages.values()}) > 1:
         raise ValueError(
             f"the adapters of {block!r} must run in one stage of the host call (input; weight; "
             f"output and parallel), got insertions {stages}."
+        )
+
+
+def _check_fuse(block: Fuse, by_name: dict[str, Any]) -> None:
+    """The fusion adapter is an AdapterFusion, and every member is not one and has outputs."""
+    fusion = by_name[block.fusion]
+    if not isinstance(fusion.cfg, AdapterFusionConfig):
+        raise ValueError(
+            f"fusion={block.fusion!r} in {block!r} must name an adapter added with "
+            f"jadapters.AdapterFusionConfig(), got one of type {type(fusion.cfg).__name__}; "
+            f"add one, e.g. add_adapter({block.fusion!r}, jadapters.AdapterFusionConfig()), "
+            "or name the one you added."
+        )
+    for name in block.fused:
+        spec = by_name[name]
+        if isinstance(spec.cfg, AdapterFusionConfig):
+            raise ValueError(
+                f"adapter {name!r} in {block!r} is a fusion adapter (AdapterFusionConfig); "
+                "a Fuse block fuses adapters with outputs of their own: name it in fusion= of "
+                "its own block, not among the fused."
+            )
+        if spec.insertion == "weight":
+            raise ValueError(
+                f"adapter {name!r} in {block!r} has insertion 'weight' "
+                f"({type(spec.cfg).__name__}): it changes the host's kernel and has no output "
+                "of its own to attend over, so it cannot be fused. Fuse output, parallel or "
+                "input adapters; combine weight adapters with Parallel or Average."
+            )
+
+
+def check_foldable(spec: Any, specs: Sequence[Any]) -> None:
+    """Raises ``ValueError`` if adapter ``spec`` runs in a :class:`Fuse` block whose fusion
+    adapter is enabled (among ``specs``, the model's adapters): attention over adapters'
+    outputs is not linear in the host's kernel, so no merge can fold it."""
+    block = spec.composition
+    if not isinstance(block, Fuse):
+        return
+    fusion = next((s for s in specs if s.name == block.fusion), None)
+    if fusion is not None and fusion.enabled:
+        raise ValueError(
+            f"adapter {spec.name!r} runs in {block!r}, whose fusion adapter {block.fusion!r} "
+            "is enabled: the fusion's softmax attention over the adapters' outputs is not "
+            "linear in the host's kernel, so a fused model cannot be merged into the base. "
+            f"Keep it unmerged, or disable {block.fusion!r} (the block is then off and its "
+            "members chain) before merging."
         )
 
 
@@ -273,6 +396,8 @@ def composition_to_dict(block: Any) -> dict[str, Any]:
     for field in dataclasses.fields(block):
         value = getattr(block, field.name)
         out[field.name] = list(value) if isinstance(value, tuple) else value
+    if isinstance(block, Fuse):  # as the constructor takes them: the fused ones only
+        out["adapters"] = list(block.fused)
     return out
 
 

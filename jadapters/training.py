@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jadapters._checks import show
 from jadapters.losses import AUX_LOSS_COLLECTION, AdapterLoss, total_auxiliary_loss
 from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.view import TRAINABLE, view_of
@@ -55,6 +56,70 @@ def _enabled_only(adapted: Any, adapters: Any) -> tuple[Any, Any]:
 def _merge_enabled(trainable: Any, frozen: Any) -> Any:
     return jax.tree.map(
         lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None
+    )
+
+
+def _trainable_names(specs: Any, trainable: Any) -> tuple[str, ...] | None:
+    """The bare names in ``trainable`` (``None``: every enabled adapter), each one of
+    ``specs``'s enabled adapters; ``ValueError`` otherwise."""
+    if trainable is None:
+        return None
+    names = [trainable] if isinstance(trainable, str) else trainable
+    if (
+        not isinstance(names, (list, tuple))
+        or not names
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise ValueError(
+            "trainable must be None (every enabled adapter trains) or a non-empty list of "
+            f"adapter names, got trainable={show(trainable)}."
+        )
+    out = []
+    for name in names:
+        spec = specs.get(name)
+        if spec is None:
+            raise ValueError(
+                f"trainable names unknown adapter {name!r} in trainable={show(trainable)}; the "
+                f"adapters are {[s.qualified_name for s in specs]}."
+            )
+        if not spec.enabled:
+            raise ValueError(
+                f"trainable names adapter {name!r}, which is disabled: a disabled adapter does "
+                f"not run, so it cannot train. Enable it, or leave it out of "
+                f"trainable={show(trainable)}."
+            )
+        out.append(spec.name)
+    return tuple(dict.fromkeys(out))
+
+
+def _linen_labeller(adapted: Any, names: tuple[str, ...] | None) -> Any:
+    """``adapted`` with exactly ``names`` enabled (all as they are for ``None``): its view
+    labels those adapters' weights trainable and every other weight frozen."""
+    if names is None:
+        return adapted
+    labeller = adapted.set_enabled_adapters(None, False)
+    for name in names:
+        labeller = labeller.set_enabled_adapters(name, True)
+    return labeller
+
+
+def _nnx_specs(model: Any, trainable: Any) -> Any:
+    """The adapters of an NNX model or of one module with adapters (``None`` when
+    ``trainable`` is ``None``: nothing to check)."""
+    if trainable is None:
+        return None
+    specs = getattr(model, "get_adapter_specs", None)
+    return specs() if specs is not None else model._adapter_set()
+
+
+def _only(wrt: Any, names: tuple[str, ...] | None) -> Any:
+    """The adapter filter ``wrt`` restricted to the adapters ``names`` (all for ``None``)."""
+    if names is None:
+        return wrt
+    return dataclasses.replace(
+        wrt,
+        prefixes=tuple(p for p in wrt.prefixes if p[-1] in names),
+        leaves=tuple(leaf for leaf in wrt.leaves if leaf[0][-1] in names),
     )
 
 
@@ -83,10 +148,13 @@ class LinenTrainStep:
     loss_fn: Callable[..., Any]
     tx: optax.GradientTransformation
     compiled: Callable[..., Any]
+    # The adapters that train (their bare names); None: every enabled adapter.
+    trainable: tuple[str, ...] | None = None
 
     def init(self, adapter_params: Any) -> Any:
-        """Optimizer state for the enabled adapters' weights only."""
-        trainable, _ = _enabled_only(self.adapted, adapter_params)
+        """Optimizer state for the trainable adapters' weights only."""
+        labeller = _linen_labeller(self.adapted, self.trainable)
+        trainable, _ = _enabled_only(labeller, adapter_params)
         return self.tx.init(trainable)
 
     def __call__(self, adapter_params, opt_state, base_variables, batch, key):
@@ -99,6 +167,7 @@ def linen_train_step(
     tx: optax.GradientTransformation,
     *,
     donate: bool = True,
+    trainable: str | Sequence[str] | None = None,
 ) -> LinenTrainStep:
     """Builds a jit-compiled step that trains the enabled adapters of ``adapted``.
 
@@ -110,9 +179,16 @@ def linen_train_step(
         through its own flags (e.g. ``train=False``) so its batch statistics stay frozen.
       tx: the optax transformation for the adapters.
       donate: donate the adapter weights' and optimizer state's buffers.
+      trainable: the names of the adapters that train, all enabled; ``None`` (the default):
+        every enabled adapter. The other enabled adapters still run, frozen: no gradient is
+        taken for them and the optimizer holds no state for them. Train a
+        :class:`~jadapters.Fuse` block's fusion alone with ``trainable=["<fusion>"]``.
 
     Returns:
       A :class:`LinenTrainStep`.
+
+    Raises:
+      ValueError: for a ``trainable`` name that is unknown or names a disabled adapter.
 
     >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jadapters
     >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
@@ -132,8 +208,11 @@ def linen_train_step(
     (True, 0.0)
     """
 
+    names = _trainable_names(adapted.adapters, trainable)
+    labeller = _linen_labeller(adapted, names)
+
     def step(adapter_params, opt_state, base_variables, batch, key):
-        trainable, frozen = _enabled_only(adapted, adapter_params)
+        trainable, frozen = _enabled_only(labeller, adapter_params)
 
         def objective(trainable):
             variables = {
@@ -164,7 +243,7 @@ def linen_train_step(
         return _merge_enabled(trainable, frozen), opt_state, {**metrics, "loss": loss}
 
     compiled = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    return LinenTrainStep(adapted, loss_fn, tx, compiled)
+    return LinenTrainStep(adapted, loss_fn, tx, compiled, names)
 
 
 class _SameCode:
@@ -225,8 +304,18 @@ def _keyed(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     return tx._replace(init=_SameCode(tx.init), update=_SameCode(tx.update))
 
 
-def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
+def adapter_optimizer(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    *,
+    trainable: str | Sequence[str] | None = None,
+) -> nnx.Optimizer:
     """An ``nnx.Optimizer`` over exactly the enabled adapters of an NNX model.
+
+    ``trainable`` names the adapters that train, all enabled (``None``: every enabled
+    adapter); pass the same names to :func:`nnx_train_step`, whose step then differentiates
+    with respect to those alone while the other enabled adapters run frozen (e.g. a
+    :class:`~jadapters.Fuse` block's fusion alone: ``trainable=["<fusion>"]``).
 
     Optimizer state exists for those weights only, so the optimizer belongs to those
     adapters: when other adapters are enabled (enabled, disabled, added or removed), build a
@@ -245,7 +334,8 @@ def adapter_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nn
     >>> [x.shape for x in jax.tree.leaves(nnx.state(optimizer.opt_state))]  # none for the base
     [(), (2,), (2,)]
     """
-    return nnx.Optimizer(model, _keyed(tx), wrt=model.unfreeze_enabled_adapters())
+    names = _trainable_names(_nnx_specs(model, trainable), trainable)
+    return nnx.Optimizer(model, _keyed(tx), wrt=_only(model.unfreeze_enabled_adapters(), names))
 
 
 _MODE_ATTRS = ("deterministic", "use_running_average", "train", "training")
@@ -268,11 +358,20 @@ class NNXTrainStep:
     anything runs, and the model and optimizer are unchanged.
     """
 
-    def __init__(self, loss_fn: Callable[..., Any], *, donate: bool = True):
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        *,
+        donate: bool = True,
+        trainable: str | Sequence[str] | None = None,
+    ):
         self.loss_fn = loss_fn
+        self.trainable = trainable
+        names = self._names
 
         def step(model, optimizer, batch):
-            trainable = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
+            enabled = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
+            trainable = _only(enabled, names(model))
 
             def objective(model):
                 loss, metrics = _split_loss(loss_fn(model, batch))
@@ -291,6 +390,10 @@ class NNXTrainStep:
         self.jitted = nnx.jit(step, donate_argnums=(1,) if donate else ())
         self._bound: tuple | None = None
 
+    def _names(self, model: Any) -> tuple[str, ...] | None:
+        """The bare names of the adapters that train (``None``: every enabled one)."""
+        return _trainable_names(_nnx_specs(model, self.trainable), self.trainable)
+
     def _token(self, model: Any, optimizer: Any, modes: list) -> tuple:
         flags = tuple(getattr(m, a) for m, a in modes)
         # O(1): changes whenever any adapter is added, removed, enabled or disabled
@@ -301,7 +404,7 @@ class NNXTrainStep:
             token, modes, cached = self._bound
             if token == self._token(model, optimizer, modes):
                 return cached(batch)
-        _check_optimizer(model, optimizer)
+        _check_optimizer(model, optimizer, self._names(model))
         modes = [
             (node, attr)
             for _, node in nnx.iter_graph(model)
@@ -318,7 +421,7 @@ class NNXTrainStep:
 
     def lower(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
         """``jax.stages.Lowered`` of the step, for inspecting or timing compilation."""
-        _check_optimizer(model, optimizer)
+        _check_optimizer(model, optimizer, self._names(model))
         return self.jitted.lower(model, optimizer, batch)
 
 
@@ -327,10 +430,12 @@ def _selected(model: Any, wrt: Any) -> dict:
     return {tuple(path): (np.shape(v.get_value()), str(v.get_value().dtype)) for path, v in flat}
 
 
-def _check_optimizer(model: Any, optimizer: Any) -> None:
+def _check_optimizer(model: Any, optimizer: Any, names: tuple[str, ...] | None = None) -> None:
     """Raises ``ValueError`` unless ``optimizer`` holds state for exactly the enabled adapters
-    of ``model`` (checked before anything is traced or changed)."""
-    now = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
+    of ``model`` (those of ``names`` only, if given; checked before anything is traced or
+    changed)."""
+    now = _only(model.unfreeze_enabled_adapters(freeze_batchnorm=False), names)
+    what = "enabled adapters" if names is None else "adapters this step trains (its trainable=)"
     built = getattr(optimizer, "wrt", None)
     if type(built) is type(now):  # an adapter filter: it records its adapters' weights
         if built == now:
@@ -343,8 +448,8 @@ def _check_optimizer(model: Any, optimizer: Any) -> None:
             )
         else:
             problem = (
-                f"the optimizer was built for adapters {built.names}, but the enabled "
-                f"adapters are now {now.names}"
+                f"the optimizer was built for adapters {built.names}, but the {what} are "
+                f"now {now.names}"
             )
     else:  # a filter of the user's own: compare what it selects now
         have, want = _selected(model, built), _selected(model, now)
@@ -352,21 +457,31 @@ def _check_optimizer(model: Any, optimizer: Any) -> None:
             return
         problem = (
             f"the optimizer's wrt={built!r} selects {len(have)} arrays, which are not the "
-            f"{len(want)} weights of the enabled adapters {now.names}"
+            f"{len(want)} weights of the {what} {now.names}"
         )
+    fix = "tx) for the adapters enabled now"
+    if names is not None:
+        fix = f"tx, trainable={list(names)}) for the adapters that train now"
     raise ValueError(
         f"{problem}. An optimizer's state belongs to the adapters it was built for: rebuild "
-        "it with jadapters.adapter_optimizer(model, tx) for the adapters enabled now."
+        f"it with jadapters.adapter_optimizer(model, {fix}."
     )
 
 
-def nnx_train_step(loss_fn: Callable[..., Any], *, donate: bool = True) -> NNXTrainStep:
+def nnx_train_step(
+    loss_fn: Callable[..., Any],
+    *,
+    donate: bool = True,
+    trainable: str | Sequence[str] | None = None,
+) -> NNXTrainStep:
     """Builds a compiled step ``step(model, optimizer, batch) -> metrics`` for NNX.
 
     ``loss_fn(model, batch)`` returns a loss or ``(loss, metrics)``. The gradient is taken
-    with respect to the enabled adapters only; auxiliary losses recorded by the adapters are
-    popped and added to the loss. Dropout and stochastic-depth keys come from each adapter's
-    ``dropout`` stream (pass ``rngs=nnx.Rngs(params=..., dropout=...)`` to ``add_adapter``).
+    with respect to the enabled adapters only, or to those of them named by ``trainable``
+    (the others run frozen; build the optimizer with the same ``trainable``); auxiliary
+    losses recorded by the adapters are popped and added to the loss. Dropout and
+    stochastic-depth keys come from each adapter's ``dropout`` stream (pass
+    ``rngs=nnx.Rngs(params=..., dropout=...)`` to ``add_adapter``).
     The model's graph is split once and reused across calls (see :class:`NNXTrainStep`).
 
     >>> import jax.numpy as jnp, optax, jadapters
@@ -382,4 +497,4 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, donate: bool = True) -> NNXTr
     >>> losses[0] > losses[1] > losses[2], bool((model.layers[0].kernel[...] == kernel).all())
     (True, True)
     """
-    return NNXTrainStep(loss_fn, donate=donate)
+    return NNXTrainStep(loss_fn, donate=donate, trainable=trainable)
