@@ -8,7 +8,11 @@ and adapter-only checkpoints.
 from jadapters._adapter_set import AdapterSet as AdapterSet
 from jadapters._adapter_set import AdapterSpec as AdapterSpec
 from jadapters._version import __version__ as __version__
+from jadapters.adapters.bank import AdapterBank as AdapterBank
+from jadapters.adapters.bank import AdapterBankConfig as AdapterBankConfig
 from jadapters.adapters.base import AdapterConfig as AdapterConfig
+from jadapters.adapters.fusion import AdapterFusion as AdapterFusion
+from jadapters.adapters.fusion import AdapterFusionConfig as AdapterFusionConfig
 from jadapters.adapters.ia3 import IA3 as IA3
 from jadapters.adapters.ia3 import IA3Config as IA3Config
 from jadapters.adapters.linear import LinearAdapter as LinearAdapter
@@ -27,6 +31,7 @@ from jadapters.checkpoint import read_adapter_metadata as read_adapter_metadata
 from jadapters.checkpoint import save_adapters as save_adapters
 from jadapters.composition import Average as Average
 from jadapters.composition import BatchSplit as BatchSplit
+from jadapters.composition import Fuse as Fuse
 from jadapters.composition import Parallel as Parallel
 from jadapters.composition import Stack as Stack
 from jadapters.config import build_adapter as build_adapter
@@ -57,7 +62,13 @@ from jadapters.partition import merge_variables as merge_variables
 from jadapters.partition import split_model as split_model
 from jadapters.partition import split_variables as split_variables
 from jadapters.partition import summarize as summarize
+from jadapters.routing import route as route
 from jadapters.runtime import apply_adapter as apply_adapter
+from jadapters.slots import SlotTable as SlotTable
+from jadapters.slots import clear_slot as clear_slot
+from jadapters.slots import load_slot as load_slot
+from jadapters.slots import put_slot as put_slot
+from jadapters.slots import slot_weights as slot_weights
 from jadapters.storage import ADAPTER_COLLECTION as ADAPTER_COLLECTION
 from jadapters.storage import AdapterParam as AdapterParam
 from jadapters.strategies import AdapterStrategy as AdapterStrategy
@@ -75,6 +86,14 @@ from jadapters.training import nnx_train_step as nnx_train_step
 from jadapters.transform import adapter_transform as adapter_transform
 
 __all__ = [
+    "AdapterBank",
+    "AdapterBankConfig",
+    "route",
+    "SlotTable",
+    "clear_slot",
+    "load_slot",
+    "put_slot",
+    "slot_weights",
     "AdapterCheckpointManager",
     "RestoredCheckpoint",
     "abstract_adapters",
@@ -118,6 +137,9 @@ __all__ = [
     "AdapterSet",
     "Average",
     "BatchSplit",
+    "Fuse",
+    "AdapterFusion",
+    "AdapterFusionConfig",
     "Parallel",
     "Stack",
     "AdapterSpec",

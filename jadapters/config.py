@@ -14,11 +14,14 @@ from typing import Any
 
 # The built-in adapters register themselves when imported; importing them here makes sure
 # they are known to every reader of configs.
+import jadapters.adapters.bank  # noqa: F401
+import jadapters.adapters.fusion  # noqa: F401
 import jadapters.adapters.ia3  # noqa: F401
 import jadapters.adapters.linear  # noqa: F401
 import jadapters.adapters.lora  # noqa: F401
 import jadapters.adapters.parallel  # noqa: F401
 from jadapters._checks import show
+from jadapters.adapters.base import AdapterConfig
 from jadapters.registry import (
     adapter_config_type,
     adapter_type_name,
@@ -45,6 +48,8 @@ __all__ = [
 
 
 def _encode(value: Any) -> Any:
+    if isinstance(value, AdapterConfig):  # a nested adapter config (an adapter bank's)
+        return config_to_dict(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return {"type": strategy_name(value), **fields}
@@ -115,6 +120,8 @@ def _build(data: Any, what: str, lookup: Any) -> Any:
     for key in keys:
         if key == "adapter_strategy":
             kwargs[key] = _build(data[key], "adapter_strategy", strategy_type)
+        elif key in getattr(cls, "config_fields", ()):
+            kwargs[key] = _build(data[key], key, adapter_config_type)
         else:
             kwargs[key] = _tuples(data[key], key)
     try:

@@ -117,6 +117,16 @@ configs_st = st.one_of(
 )
 
 
+# An adapter bank nests one of the configs above.
+configs_st = configs_st | st.builds(
+    jadapters.AdapterBankConfig, adapter=configs_st, slots=st.integers(1, 64)
+)
+
+
+def _strategy_of(cfg):
+    return getattr(cfg, "adapter_strategy", None) or cfg.adapter.adapter_strategy
+
+
 def _assert_valid_and_round_trips(cfg):
     """``cfg`` is a valid config (its constructor accepts its fields again) that round-trips
     exactly through dicts and strict JSON, field types included."""
@@ -126,7 +136,7 @@ def _assert_valid_and_round_trips(cfg):
     assert text == jadapters.config_to_json(cfg)
     back = jadapters.config_from_json(text)
     assert back == cfg and type(back) is type(cfg)
-    assert type(back.adapter_strategy) is type(cfg.adapter_strategy)
+    assert type(_strategy_of(back)) is type(_strategy_of(cfg))
     assert jadapters.config_from_dict(data) == cfg
     assert json.dumps(jadapters.config_to_dict(back), sort_keys=True) == text  # same types
     # A module serializes like its config.
@@ -138,7 +148,8 @@ def _assert_valid_and_round_trips(cfg):
 def test_every_valid_config_round_trips_exactly(cfg):
     _assert_valid_and_round_trips(cfg)
     data = json.loads(jadapters.config_to_json(cfg))
-    assert data["adapter_strategy"]["type"] == type(cfg.adapter_strategy).__name__
+    data = data.get("adapter", data)
+    assert data["adapter_strategy"]["type"] == type(_strategy_of(cfg)).__name__
 
 
 @pytest.mark.parametrize(
@@ -399,7 +410,8 @@ def mutated_configs(draw):
     """A valid config's dict with one field (of it or its strategy) replaced, removed or
     added."""
     data = jadapters.config_to_dict(draw(configs_st))
-    target = data["adapter_strategy"] if draw(st.booleans()) else data
+    inner = data.get("adapter") if isinstance(data.get("adapter"), dict) else data
+    target = inner["adapter_strategy"] if draw(st.booleans()) else data
     action = draw(st.sampled_from(["replace", "remove", "add"]))
     if action == "add":
         name = draw(st.sampled_from(ADAPTER_FIELDS + STRATEGY_FIELDS) | st.text(max_size=6))

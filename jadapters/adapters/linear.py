@@ -84,6 +84,7 @@ class LinearAdapter(nn.Module, AdapterMath):
         "down/kernel": ("features", "bottleneck"),
         "up/kernel": ("bottleneck", "features"),
     }
+    slot_fields: ClassVar[tuple[str, ...]] = ("dim", "dropout")
 
     def __post_init__(self):
         _checks.apply_checks(self, self.field_checks)

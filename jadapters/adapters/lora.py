@@ -104,6 +104,7 @@ class LoRA(nn.Module, AdapterMath):
     needs_out_features: ClassVar[bool] = True
     merge_insertion: ClassVar[str | None] = "weight"
     weight_axes: ClassVar[dict[str, tuple[str, ...]]] = {"a": ("in", "rank"), "b": ("rank", "out")}
+    slot_fields: ClassVar[tuple[str, ...]] = ("rank", "alpha", "rslora", "dropout")
 
     def __post_init__(self):
         _checks.apply_checks(self, self.field_checks)
@@ -128,6 +129,16 @@ class LoRA(nn.Module, AdapterMath):
         """The kernel update ``scale * A @ B`` as a ``(in, out)`` matrix, from ``params``."""
         a, b = params["a"], params["b"]
         return (a @ b) * jnp.asarray(self.scale, a.dtype)
+
+    def to_slot(self, params: dict[str, Any], adapter: LoRA) -> dict[str, Any]:
+        """``adapter``'s (padded) ``params`` as a slot of this LoRA's size: ``B`` rescaled by
+        ``adapter.scale / self.scale``, so that this scale gives the adapter's update (exactly
+        the same arrays when the scales are equal)."""
+        if adapter.scale == self.scale:
+            return params
+        b = params["b"]
+        ratio = jnp.asarray(adapter.scale / self.scale, jnp.float32)
+        return {**params, "b": (b.astype(jnp.float32) * ratio).astype(b.dtype)}
 
     def fold(self, params, kernel, bias, layout, *, factor):
         """``W + factor * scale * A @ B`` in the kernel's own shape (the bias is unchanged)."""

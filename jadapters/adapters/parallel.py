@@ -73,6 +73,7 @@ class ParallelAdapter(nn.Module, AdapterMath):
         "up/bias": ("out",),
         "scale": (),  # present only with learn_scale
     }
+    slot_fields: ClassVar[tuple[str, ...]] = ("dim", "dropout")
 
     def __post_init__(self):
         _checks.apply_checks(self, self.field_checks)

@@ -112,12 +112,14 @@ def save_adapters(
     Beside the arrays goes JSON metadata: each adapter's config, group, insertion, enabled
     state, host paths and parameter shapes, dtypes and checksums; the library and format
     versions; and a fingerprint of the base at each host (its parameters' names, shapes and
-    dtypes and, with ``base_content``, the SHA-256 of each one's bytes), which
+    dtypes and, with ``base_content``, a digest of each one's values), which
     :func:`load_adapters` checks. Every file of the version, the metadata included, is listed
     with its size and SHA-256 and checked before it is read. Writing is crash-safe: a save
     killed part-way
-    leaves the previous checkpoint at ``path`` intact. One process writes a given ``path`` at a
-    time (in a multi-host job, save from one process, with the adapters fully addressable).
+    leaves the previous checkpoint at ``path`` intact. One job writes a given ``path`` at a
+    time. In a multi-process job (``jax.distributed``), call it on every process with the same
+    (global) arrays: each process writes the shards it holds, process 0 the metadata and file
+    lists, on a ``path`` all processes see (see ``docs/SCALING.md``).
 
     Args:
       path: the checkpoint directory (an orbax ``CheckpointManager`` directory: one step per
@@ -129,10 +131,12 @@ def save_adapters(
         list of them.
       keep: how many versions to keep; older ones are deleted once the new one is
         complete (default 1: a save replaces the previous checkpoint).
-      base_content: also record the content of the base at the adapters' hosts (the SHA-256
-        of each parameter's bytes), so that :func:`load_adapters` refuses a base with the
-        same shapes but other weights (another seed, another fine-tune), naming the
-        parameters that differ. Costs one pass over those parameters, on the host.
+      base_content: also record the content of the base at the adapters' hosts (a digest of
+        each parameter's values, computed where it lives, shard by shard: no parameter is
+        gathered to one host, and the digest is the same for any mesh or sharding), so that
+        :func:`load_adapters` refuses a base with the same shapes but other weights (another
+        seed, another fine-tune), naming the parameters that differ. Costs one pass over
+        those parameters, on their devices.
 
     Returns:
       The directory of the version written (``path/<version>``). :func:`load_adapters`,
@@ -141,8 +145,7 @@ def save_adapters(
 
     Raises:
       ValueError: for an unknown name, a model without adapters or weights, or a wrong
-        ``variables`` argument; with ``base_content``, for a base not fully held by this
-        process.
+        ``variables`` argument; with ``base_content``, for abstract base parameters.
 
     >>> import tempfile, jax, jax.numpy as jnp, flax.linen as nn, jadapters
     >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(4)]), "layers_0")
@@ -299,7 +302,7 @@ def load_adapters(
         target model.
       check_base: what of the base at the adapters' hosts to check against the checkpoint's
         fingerprint. ``True`` (default): its structure (parameter names, shapes, dtypes),
-        and its content (each parameter's SHA-256) when the checkpoint recorded it
+        and its content (each parameter's digest) when the checkpoint recorded it
         (``save_adapters(..., base_content=True)``). ``"structure"``: the structure only.
         ``"content"``: both, and a checkpoint without a content fingerprint is an error.
         ``False``: nothing.
@@ -334,8 +337,34 @@ def load_adapters(
     Traceback (most recent call last):
     ValueError: the base does not match the checkpoint at host 'layers/0': ...
     """
-    structure, content = base_check.mode(check_base)
     view = view_of(model, variables)
+    entries, loaded, compositions = _read_checked(
+        path,
+        view,
+        name,
+        replace=replace,
+        shardings=shardings,
+        check_base=check_base,
+        version=version,
+    )
+    result = view.insert([AdapterWeights(e.spec(), loaded[e.name]) for e in entries], rngs=rngs)
+    return _restore_compositions(result, compositions, [e.name for e in entries])
+
+
+def _read_checked(
+    path: str,
+    view: AdapterView,
+    name: NameLike,
+    *,
+    replace: bool,
+    shardings: Any,
+    check_base: bool | str,
+    version: int | None,
+) -> tuple[list, dict, Any]:
+    """Reads and checks (as :func:`load_adapters` documents) the adapters ``name`` of version
+    ``version`` of the checkpoint at ``path`` against ``view``; returns ``(entries, {name:
+    {host: params}}, compositions)`` without touching the model."""
+    structure, content = base_check.mode(check_base)
     where, meta = store.read_metadata(path, version=version)
     source = os.path.join(where, store.METADATA, store.METADATA)
     names = _select([(e.name, e.group) for e in meta.adapters], name, "the checkpoint")
@@ -359,13 +388,30 @@ def load_adapters(
     arrays.check_claims(view, entries, source)
     if meta.base_content and content is not False:
         current = {host: _host_base(view, host) for host in fingerprint}
-        base_check.compare_content(fingerprint, current, source)
+        base_check.compare_content(fingerprint, current, source, meta.content_digest)
     loaded = arrays.read_arrays(where, meta, names, shardings)
     if shardings is None:
         # Uncommitted, like arrays from init: a function compiled on those runs these as is.
         loaded = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), loaded)
-    result = view.insert([AdapterWeights(e.spec(), loaded[e.name]) for e in entries], rngs=rngs)
-    return _restore_compositions(result, meta.compositions, names)
+    return entries, loaded, meta.compositions
+
+
+@store.reads_one_version
+def read_checked(
+    path: str,
+    view: AdapterView,
+    name: NameLike = None,
+    *,
+    check_base: bool | str = True,
+    version: int | None = None,
+) -> list[tuple[Any, dict]]:
+    """The adapters ``name`` of the checkpoint at ``path``, read and checked against ``view``
+    as :func:`load_adapters` does (names already in the model are allowed), as ``[(spec,
+    {host path: params}), ...]``; the model is not touched."""
+    entries, loaded, _ = _read_checked(
+        path, view, name, replace=True, shardings=None, check_base=check_base, version=version
+    )
+    return [(e.spec(), loaded[e.name]) for e in entries]
 
 
 def _restore_compositions(result: Any, compositions: Any, names: Sequence[str]) -> Any:
