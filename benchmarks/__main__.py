@@ -28,6 +28,9 @@ BENCHMARKS = {
     "bench_checkpoint": "Adapter-only checkpoints: bytes and save/load time",
     "bench_inline": "jadapters vs the same model with the adapter written inline by hand",
     "bench_robustness": "Checkpoints under kills, damaged files and concurrent readers (counts)",
+    "bench_sharding": "Sharded adapter step on 8 (fake) devices vs one device",
+    "bench_scan": "Adapters in a scanned layer stack: step memory vs inline, compile vs unrolled",
+    "bench_routing": "Per-example routing: mixed batches through adapter banks, hot swap",
 }
 QUICK = {
     "bench_transform": ["--d-model", "64", "--layers", "2", "--seq", "16", "--steps", "3"],
@@ -35,6 +38,9 @@ QUICK = {
     "bench_checkpoint": ["--d-model", "64", "--layers", "2", "--repeats", "1"],
     "bench_inline": ["--quick"],
     "bench_robustness": ["--kills", "2", "--flips", "1", "--read-seconds", "2"],
+    "bench_sharding": ["--quick"],
+    "bench_scan": ["--quick"],
+    "bench_routing": ["--quick"],
 }
 README = pathlib.Path(__file__).with_name("README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"

@@ -29,8 +29,9 @@ def route(adapter_ids: Any) -> Iterator[None]:
     use it inside the jitted function) and outside. Linen's ``apply(..., adapter_ids=ids)``
     is the same thing.
 
-    Concrete ids are checked here: a 1-d integer array, each value ``-1`` or more. A traced
-    id outside ``[-1, slots)`` gives NaN outputs for its example.
+    Concrete ids are checked: a 1-d integer array (here), each value ``-1`` or a slot index
+    of the bank (where the bank runs). A traced id outside ``[-1, slots)`` gives NaN outputs
+    for its example.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jadapters
     >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(3)]), "layers_0")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters._adapter_set import AdapterSpec
-from jadapters.adapters.bank import gather_slots
+from jadapters.adapters.bank import check_ids, gather_slots
 from jadapters.composition import Average, BatchSplit, Fuse, Parallel, Stack
 from jadapters.kernels import KernelLayout
 from jadapters.registry import build_adapter
@@ -313,6 +313,7 @@ def _run_bank(spec, module, params, io, inputs, stream, layout, training, key):
             "jadapters.route(adapter_ids) (Linen: apply(..., adapter_ids=ids)), with -1 for "
             "examples that take the base alone, or disable the bank."
         )
+    check_ids(ids, module.slots)  # concrete ids; traced ones out of range give NaN
     return run_routed(
         module,
         params,

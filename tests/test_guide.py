@@ -47,8 +47,9 @@ def test_the_guide_opens_with_the_decision_table():
     assert anchors and anchors <= slugs, anchors - slugs
 
 
-def test_routing_per_example_is_said_to_be_not_built():
-    assert "not built yet" in EXAMPLES_PART
+def test_routing_per_example_is_documented():
+    assert "not built yet" not in EXAMPLES_PART
+    assert "jadapters.route(" in EXAMPLES_PART and "adapter_ids=" in EXAMPLES_PART
 
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))

@@ -404,6 +404,8 @@ def test_ids_are_checked(fe):
         case(X, np.zeros(len(X), np.float32))
     with pytest.raises(ValueError, match=r"-1 \(the base\) or a slot index, got values from -2"):
         case(X, np.array([-2, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"below the bank's 3 slots, got values from 0 to 3"):
+        case(X, np.array([0, 3, 0, 0, 0]))
     # traced ids out of range: NaN for that example only
     _, call = case.jitted()
     out = np.asarray(call(X, jnp.array([0, 3, -1, 1, 7])))
