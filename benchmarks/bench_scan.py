@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -133,11 +134,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--compile-layers", type=int, nargs="+", default=[4, 12, 24])
+    parser.add_argument("--repeats", type=int, default=3, help="compiles per variant and size")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.seq, args.batch, args.compile_layers = 64, 16, 4, [4, 12]
+        args.repeats = 1
     x = jax.random.normal(jax.random.key(1), (args.batch, args.seq, args.width))
     print(machine_line())
 
@@ -161,13 +164,27 @@ def main(argv=None) -> int:
     ok = ratio <= 1.10
     print(f"target scanned temp <= 1.10 x minimum: {ratio:.3f} {'PASS' if ok else 'FAIL'}")
 
-    print("\ncompile seconds (adapter step)")
+    print(f"\ncompile seconds (adapter step), min / median / max of {args.repeats} repeats")
     compile_rows = {}
     for layers in args.compile_layers:
-        s = compile_seconds(Scanned, "layers/up", args.width, layers, x)
-        u = compile_seconds(Unrolled, r"layers_\d+/up", args.width, layers, x)
-        compile_rows[layers] = {"scanned": s, "unrolled": u}
-        print(f"  {layers:3d} layers: scanned {s:6.2f}  unrolled {u:6.2f}")
+        times: dict[str, list[float]] = {"scanned": [], "unrolled": []}
+        for _ in range(args.repeats):  # interleaved
+            times["scanned"].append(compile_seconds(Scanned, "layers/up", args.width, layers, x))
+            times["unrolled"].append(
+                compile_seconds(Unrolled, r"layers_\d+/up", args.width, layers, x)
+            )
+        compile_rows[layers] = {k: sorted(v) for k, v in times.items()}
+        line = "  ".join(
+            f"{k} {min(v):5.2f} / {statistics.median(v):5.2f} / {max(v):5.2f}"
+            for k, v in times.items()
+        )
+        print(f"  {layers:3d} layers: {line}")
+    first, last = args.compile_layers[0], args.compile_layers[-1]
+    for kind in ("scanned", "unrolled"):
+        growth = statistics.median(compile_rows[last][kind]) / statistics.median(
+            compile_rows[first][kind]
+        )
+        print(f"  {kind}: median compile at {last} layers / at {first} layers = {growth:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"memory": rows, "ratio": ratio, "compile": compile_rows}, f, indent=2)
