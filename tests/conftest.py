@@ -2,7 +2,10 @@
 
 The environment is configured before JAX is imported: eight fake CPU devices (for sharding
 tests) and rank promotion as an error, so that an accidental broadcast between arrays of
-different ranks fails loudly instead of silently producing a wrong shape.
+different ranks fails loudly instead of silently producing a wrong shape. In this process
+XLA skips most of its optimization passes (``jax_disable_most_optimizations``): the tests here
+compile far more programs than they run steps, and none of them measures speed. The scripts
+and notebooks the tests run in their own processes, which train for real, keep them.
 """
 
 import os
@@ -15,6 +18,7 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_disable_most_optimizations", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,17 +48,6 @@ def random_like(tree, seed=0, scale=0.5):
 def normal(shape, seed=0, dtype=np.float32):
     """A standard normal array made with NumPy (nothing to compile)."""
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
-
-
-@pytest.fixture(scope="module")
-def quick_compiles():
-    """XLA without its optimization passes: compiles about twice as fast, for test modules
-    that check the library's logic, not XLA's (``pytestmark = pytest.mark.usefixtures(
-    "quick_compiles")``). Restored when the module ends."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture

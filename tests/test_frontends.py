@@ -62,9 +62,6 @@ def _normal(shape, seed=0, dtype=jnp.float32):
 # --- fixtures -------------------------------------------------------------------------------
 
 
-pytestmark = pytest.mark.usefixtures("quick_compiles")
-
-
 @pytest.fixture(scope="module", params=list(FRONTENDS))
 def fe(request):
     return FRONTENDS[request.param]

@@ -37,6 +37,11 @@ def _run_two_processes(directory: str) -> None:
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
         "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+        # XLA's optimizations as in this process (conftest turns most off): the base is
+        # initialized here too, and its content digest must match bit for bit
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": str(
+            int(jax.config.read("jax_disable_most_optimizations"))
+        ),
     }
     script = os.path.join(ROOT, "tests", "_multihost_worker.py")
     port = str(_free_port())

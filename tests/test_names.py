@@ -27,8 +27,6 @@ import jadapters
 from jadapters import LinearAdapterConfig, Target
 from jadapters._adapter_set import CONTAINER_NAMES, RESERVED_NAMES
 
-pytestmark = pytest.mark.usefixtures("quick_compiles")
-
 CFG = LinearAdapterConfig(dim=2)
 TARGETS = {"mlp": r"blocks#\d+/mlp", "attn": r"blocks#\d+/attn"}
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")

@@ -41,6 +41,9 @@ DOCUMENTED = {
     },
 }
 STEPS = 2
+# LoRA on every mesh; the ParallelAdapter (no other code path) on the mesh that splits both
+# axes.
+CASES = [("lora", m) for m in sorted(MESHES)] + [("parallel", "fsdp_tp")]
 
 
 def _mesh(name):
@@ -112,8 +115,7 @@ def _run(step, *args, steps=STEPS):
     return adapters, opt_state
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize(("kind", "mesh_name"), CASES)
 def test_linen_sharded_training(mesh_name, kind):
     mesh, batch = _mesh(mesh_name), _data()
     adapted = jadapters.adapter_transform(LinenMLP(), "up|down").add_adapter("t", CONFIGS[kind])
@@ -187,8 +189,7 @@ def _adapter_arrays(tree):
     return {h: {"t": tree[h]["adapter_layer"]["t"]["params"]} for h in ("up", "down")}
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize(("kind", "mesh_name"), CASES)
 def test_nnx_sharded_training(mesh_name, kind):
     mesh, batch = _mesh(mesh_name), _data()
     tx = optax.adam(1e-2)

@@ -58,9 +58,6 @@ def _adapter_sites(adapter_tree):
 # --- fixtures -------------------------------------------------------------------------------
 
 
-pytestmark = pytest.mark.usefixtures("quick_compiles")
-
-
 @pytest.fixture(scope="module")
 def x():
     return _normal((2, 8, 8))

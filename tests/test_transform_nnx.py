@@ -24,9 +24,6 @@ TARGETS = {"attn": r"blocks/\d+/attn/(query|value)", "mlp": r"blocks/\d+/mlp"}
 D_MODEL, HEADS, LAYERS, DIM = 16, 2, 2, 4
 
 
-pytestmark = pytest.mark.usefixtures("quick_compiles")
-
-
 # --- helpers --------------------------------------------------------------------------------
 
 
