@@ -338,10 +338,17 @@ def bench_train(args, s) -> dict:
     rows = [np.flatnonzero(ids == k) for k in range(n)]
     parts = [(x[r], y[r]) for r in rows]
     tenants = [one_slot(adapters, k) for k in range(n)]
-    # correctness first: the mixed step moves each adapter as its own step does
-    got, _, _ = mixed(copy_tree(adapters), mixed.init(adapters), base, (x, y, ids), key)
+    # correctness first: the mixed step moves each adapter as its own step does. Checked with
+    # SGD, whose update is the gradient itself: Adam's first step is about lr * sign(g), so
+    # summation-order noise in a near-zero gradient entry flips it by up to lr.
+    check_tx = optax.sgd(1e-3)
+    mixed_sgd = jadapters.linen_train_step(model, mixed_loss, check_tx)
+    single_sgd = jadapters.linen_train_step(s["one"], single_loss, check_tx)
+    got, _, _ = mixed_sgd(copy_tree(adapters), mixed_sgd.init(adapters), base, (x, y, ids), key)
     for k in range(n):
-        own, _, _ = single(copy_tree(tenants[k]), single.init(tenants[k]), base, parts[k], key)
+        own, _, _ = single_sgd(
+            copy_tree(tenants[k]), single_sgd.init(tenants[k]), base, parts[k], key
+        )
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
             one_slot(got, k),

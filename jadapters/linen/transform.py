@@ -271,6 +271,8 @@ class AdaptedLinen(nn.Module):
         """The model bound to this scope through ``nn.map_variables``, which adds the layer
         gates of :meth:`_layer_gates` to the ``"adapters"`` collection it sees (and drops them
         from what it writes back); ``None`` when no host has a layer selection."""
+        if not any(has_layer_rules(rules) for _, rules in self.groups):
+            return None  # the common case: nothing to read
         stored = self.variables.get(ADAPTER_COLLECTION)
         if not stored:
             return None
