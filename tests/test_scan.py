@@ -477,3 +477,35 @@ def test_linen_scanned_sharded_step_equals_one_device():
     assert lora["a"].sharding.spec == jax.sharding.PartitionSpec(None, "embed", None)
     assert lora["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "mlp")
     assert lora["a"].sharding.mesh.shape == mesh.shape
+
+
+def test_linen_composition_blocks_in_a_scanned_stack_equal_unrolled():
+    """Fuse (with its trainable fusion adapter) and Average inside a scanned stack compute
+    what they compute unrolled."""
+    cfg = jadapters.LinearAdapterConfig(dim=2)
+
+    def build(model, targets):
+        adapted = jadapters.adapter_transform(model, targets)
+        adapted = adapted.add_adapter("a", cfg).add_adapter("b", cfg).add_adapter("c", cfg)
+        adapted = adapted.add_adapter("f", jadapters.AdapterFusionConfig())
+        adapted = adapted.set_composition("", jadapters.Fuse("a", "b", fusion="f"))
+        return adapted
+
+    scanned = build(LinenScanned(), "layers/mlp")
+    variables = scanned.init(jax.random.key(0), X)
+    variables = {**variables, "adapters": noise(variables["adapters"])}
+    unrolled = build(LinenUnrolled(), r"layers_\d/mlp")
+    slice_at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    uvars = {
+        "params": {f"layers_{i}": slice_at(variables["params"]["layers"], i) for i in range(L)},
+        "adapters": {f"layers_{i}": slice_at(variables["adapters"]["layers"], i) for i in range(L)},
+    }
+    np.testing.assert_allclose(scanned.apply(variables, X), unrolled.apply(uvars, X), **TOL)
+
+    def average(model):  # the fusion adapter runs only in its Fuse block: off here
+        model = model.set_composition("", jadapters.Average("a", "c"))
+        return model.set_enabled_adapters("f", False)
+
+    np.testing.assert_allclose(
+        average(scanned).apply(variables, X), average(unrolled).apply(uvars, X), **TOL
+    )
