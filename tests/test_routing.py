@@ -465,3 +465,14 @@ def test_load_slot_checks_the_module(fe, tmp_path):
     case = fe().add("tenants", bank(TYPES["ia3"][1]))
     with pytest.raises(ValueError, match=r"belongs to adapter module 'out', but bank"):
         jadapters.load_slot(str(tmp_path / "t"), *case.slot_args(), bank="tenants", slot=0)
+
+
+def test_an_nnx_bank_on_one_module_takes_its_inner_insertion():
+    """A bank added on one module (``"path:name"``) inserts as its inner adapter does."""
+    case = NNX()
+    case.model.add_adapter("layers/0:tenants", bank(TYPES["lora"][1]), rngs=nnx.Rngs(3))
+    assert case.view().specs().get("tenants").insertion == "weight"
+    randomize_bank(case, "tenants")
+    routed = case(X, IDS)
+    np.testing.assert_allclose(routed[IDS < 0], case.base_out(X[IDS < 0]), atol=1e-6)
+    assert float(jnp.abs(routed[IDS >= 0] - case.base_out(X[IDS >= 0])).max()) > 1e-2

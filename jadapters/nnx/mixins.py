@@ -696,7 +696,7 @@ class AdapterModelMixin:
         if routed is not None:
             path, bare, host = routed
             cfg = config_of(cfg)
-            insertion = insertion or type(build_adapter(cfg)).default_insertion
+            insertion = insertion or build_adapter(cfg).default_insertion
             self.get_adapter_specs().add(AdapterSpec(bare, path, cfg, insertion))  # unique
             shell, host_set = host._prepare_adapter(
                 bare,
