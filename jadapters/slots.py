@@ -21,6 +21,7 @@ import numpy as np
 from jadapters._adapter_set import AdapterSpec
 from jadapters._checks import show
 from jadapters.adapters.bank import slot_params
+from jadapters.adapters.base import param_path, schema_widths
 from jadapters.checkpoint.io import read_checked
 from jadapters.registry import build_adapter
 from jadapters.view import AdapterView, AdapterWeights, view_of
@@ -61,8 +62,7 @@ def _slot_axis(spec: AdapterSpec) -> Any:
     schema = build_adapter(spec.cfg).weight_axes
 
     def axis(path: Any, value: Any) -> int:
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
-        axes = schema.get(f"slots/{key}")
+        axes = schema.get(f"slots/{param_path(path)}")
         return 0 if axes is None else max(np.ndim(value) - len(axes), 0)
 
     return axis
@@ -192,21 +192,18 @@ def clear_slot(model: Any, variables: Any = None, *, bank: str, slot: int) -> An
 def _fresh(inner: Any, like: Any, host: str) -> Any:
     """Freshly initialised params of ``inner`` shaped like ``like`` (widths from its schema)."""
     schema = getattr(inner, "weight_axes", {}) or {}
-    widths: dict[str, int] = {}
+    shapes = {}  # one layer's shapes of the weights in the schema (a stack's layer axes first)
     for path, value in jax.tree_util.tree_leaves_with_path(like):
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
-        axes = schema.get(key, ())
-        for axis, size in zip(axes, np.shape(value)[np.ndim(value) - len(axes) :], strict=True):
-            widths.setdefault(axis, size)
-    width = widths.get("features", widths.get("in"))
-    if width is None:
+        axes = schema.get(param_path(path))
+        if axes is not None and np.ndim(value) >= len(axes):
+            shapes[param_path(path)] = np.shape(value)[np.ndim(value) - len(axes) :]
+    found = schema_widths(inner, shapes)
+    if found is None:
         raise ValueError(
             f"cannot tell the input width of the {type(inner).__name__} at host {host!r} from "
             "its weights; put a fresh adapter's weights with put_slot instead."
         )
-    kwargs = {}
-    if getattr(inner, "needs_out_features", False):
-        kwargs["out_features"] = widths.get("out", widths.get("features", width))
+    width, kwargs = found
     params = inner.init(jax.random.key(0), jnp.zeros((1, width)), **kwargs)["params"]
     # the same fresh adapter on every layer of a scanned stack
     return jax.tree.map(

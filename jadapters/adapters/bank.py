@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jadapters._checks as _checks
-from jadapters.adapters.base import AdapterConfig, AdapterMath
+from jadapters.adapters.base import AdapterConfig, AdapterMath, param_path
 from jadapters.registry import adapter_type_name, build_adapter, register_adapter
 
 # The most slots a bank may have: a bound for configs read from files.
@@ -234,30 +234,18 @@ def slot_params(params: Any, cfg: Any, slot_cfg: Any, like: Any) -> Any:
     """
     check_fits(cfg, slot_cfg)
     axes = _schema(build_adapter(slot_cfg))
-    flat = {"/".join(map(str, k)): v for k, v in _flatten(params).items()}
-    flat_like = {"/".join(map(str, k)): v for k, v in _flatten(like).items()}
-    if set(flat) != set(flat_like):
-        raise ValueError(f"the adapter has weights {sorted(flat)}, a slot has {sorted(flat_like)}.")
-    padded = {k: _pad(k, flat[k], flat_like[k], axes.get(k)) for k in flat}
+    flat = {param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    slot = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(like)]
+    if set(flat) != set(slot):
+        raise ValueError(f"the adapter has weights {sorted(flat)}, a slot has {sorted(slot)}.")
+
+    def pad(path: Any, target: Any) -> jax.Array:
+        key = param_path(path)
+        return _pad(key, flat[key], target, axes.get(key))
+
+    padded = jax.tree_util.tree_map_with_path(pad, like)
     convert = getattr(build_adapter(slot_cfg), "to_slot", None)
-    if convert is not None:
-        padded = convert(padded, build_adapter(cfg))
-    return _unflatten(like, padded)
-
-
-def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[tuple, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, (*prefix, key)))
-        return out
-    return {prefix: tree}
-
-
-def _unflatten(like: Any, flat: Mapping[str, Any], prefix: tuple = ()) -> Any:
-    if isinstance(like, Mapping):
-        return {k: _unflatten(v, flat, (*prefix, k)) for k, v in like.items()}
-    return flat["/".join(map(str, prefix))]
+    return padded if convert is None else convert(padded, build_adapter(cfg))
 
 
 def gather_slots(params: Any, ids: jax.Array) -> Any:

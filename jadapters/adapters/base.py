@@ -98,6 +98,52 @@ class AdapterMath:
 ShardingRule = Callable[[str, str, str, tuple[Any, ...]], Sequence[Any]]
 
 
+def param_path(path: Sequence[Any]) -> str:
+    """A parameter's path in the weight schema's form (``"down/kernel"``), from a pytree key
+    path (``jax.tree_util``'s keys, or plain ones).
+
+    >>> import jax
+    >>> [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path({"down": {"kernel": 1}})]
+    ['down/kernel']
+    """
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def schema_widths(module: Any, shapes: Mapping[str, Sequence[int]]) -> tuple[int, dict] | None:
+    """``(input width, init keyword arguments)`` under which ``module`` creates parameters of
+    ``shapes`` (``{param path: one layer's shape}``), read through its weight schema
+    (``weight_axes``); ``None`` when no shape names the input width.
+
+    Raises:
+      ValueError: (a message to complete) for a parameter the schema lacks, a shape of another
+        rank than its axes, or an axis with two sizes.
+
+    >>> from jadapters.adapters.lora import LoRA
+    >>> schema_widths(LoRA(2), {"a": (4, 2), "b": (2, 8)})
+    (4, {'out_features': 8})
+    """
+    axes = getattr(module, "weight_axes", None) or {}
+    widths: dict[str, int] = {}
+    for name, shape in shapes.items():
+        if name not in axes:
+            raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
+        if len(axes[name]) != len(shape):
+            raise ValueError(
+                f"parameter {name!r} has axes {axes[name]} in {type(module).__name__}, but "
+                f"shape {tuple(shape)}"
+            )
+        for axis, size in zip(axes[name], shape, strict=True):
+            if widths.setdefault(axis, size) != size:
+                raise ValueError(f"axis {axis!r} is {widths[axis]} and {size} in different arrays")
+    width = widths.get("features", widths.get("in"))
+    if width is None:
+        return None
+    kwargs = {}
+    if getattr(module, "needs_out_features", False):
+        kwargs["out_features"] = widths.get("out", widths.get("features", width))
+    return width, kwargs
+
+
 def unbox(tree: Any) -> Any:
     """``tree`` with flax's axis metadata boxes (``nn.Partitioned``, ...) replaced by their
     values; anything else as it is.
@@ -154,8 +200,7 @@ def derive_weight_names(
     schema = getattr(module, "weight_axes", {})
 
     def leaf(path: Any, value: Any) -> tuple[Any, ...]:
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
-        axes = schema.get(key)
+        axes = schema.get(param_path(path))
         if axes is None or len(axes) != value.ndim:
             return (None,) * value.ndim
         return tuple(roles.get(a) for a in axes)
@@ -173,7 +218,7 @@ def apply_rule(rule: ShardingRule | None, host: str, adapter: str, params: Any, 
         return names
 
     def leaf(path: Any, value: Any, derived: tuple[Any, ...]) -> tuple[Any, ...]:
-        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        key = param_path(path)
         out = tuple(rule(host, adapter, key, derived))
         if len(out) != value.ndim:
             raise ValueError(
@@ -206,7 +251,7 @@ def stack_size(module: Any, params: Any) -> int | None:
     schema = getattr(module, "weight_axes", None) or {}
     sizes = set()
     for path, value in jax.tree_util.tree_flatten_with_path(unbox(params))[0]:
-        axes = schema.get("/".join(str(getattr(k, "key", k)) for k in path))
+        axes = schema.get(param_path(path))
         if axes is None:
             continue
         if len(value.shape) != len(axes) + 1:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jadapters.adapters.base import schema_widths
 from jadapters.checkpoint import metadata as md
 from jadapters.checkpoint import store
 from jadapters.registry import build_adapter
@@ -208,7 +209,6 @@ def _schema_shapes(cfg: Any, leaves: Sequence[md.LeafInfo]) -> dict[tuple[str, .
     axes = dict(getattr(module, "weight_axes", None) or {})
     if not axes:
         return {}
-    widths: dict[str, int] = {}
     # The weights of an adapter inside a scanned layer stack carry one leading layer axis
     # (of one size) beyond the schema: check one layer's shapes, then add the axis back.
     layers = {
@@ -222,24 +222,10 @@ def _schema_shapes(cfg: Any, leaves: Sequence[md.LeafInfo]) -> dict[tuple[str, .
     ):
         stack = (layers.pop(),)
         leaves = [dataclasses.replace(i, shape=tuple(i.shape[1:])) for i in leaves]
-    for info in leaves:
-        name = "/".join(info.path)
-        if name not in axes:
-            raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
-        if len(axes[name]) != len(info.shape):
-            raise ValueError(
-                f"parameter {name!r} has axes {axes[name]} in {type(module).__name__}, but "
-                f"shape {info.shape}"
-            )
-        for axis, size in zip(axes[name], info.shape, strict=True):
-            if widths.setdefault(axis, size) != size:
-                raise ValueError(f"axis {axis!r} is {widths[axis]} and {size} in different arrays")
-    width = widths.get("features", widths.get("in"))
-    if width is None:
+    found = schema_widths(module, {"/".join(i.path): tuple(i.shape) for i in leaves})
+    if found is None:
         return {}
-    kwargs = {}
-    if getattr(module, "needs_out_features", False):
-        kwargs["out_features"] = widths.get("out", widths.get("features", width))
+    width, kwargs = found
     sample = jax.ShapeDtypeStruct((1, width), jnp.float32)
     try:
         out = jax.eval_shape(lambda k, x: module.init(k, x, **kwargs), jax.random.key(0), sample)
