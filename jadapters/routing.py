@@ -44,14 +44,15 @@ def route(adapter_ids: Any) -> Iterator[None]:
     >>> y.shape
     (2, 3)
     """
-    check_ids(adapter_ids)
-    token = _IDS.set(jnp.asarray(adapter_ids))
+    bounds = check_ids(adapter_ids)  # once here, not at every bank the call reaches
+    token = _IDS.set((jnp.asarray(adapter_ids), bounds))
     try:
         yield
     finally:
         _IDS.reset(token)
 
 
-def current_ids() -> Any:
-    """The ids set by the innermost :func:`route`, or ``None``."""
+def current_ids() -> tuple[Any, tuple[int, int] | None] | None:
+    """``(ids, (min, max))`` set by the innermost :func:`route` (``(ids, None)`` for traced
+    ids), or ``None`` outside one."""
     return _IDS.get()

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters._adapter_set import AdapterSpec
-from jadapters.adapters.bank import check_ids, gather_slots
+from jadapters.adapters.bank import check_range, gather_slots
 from jadapters.composition import Average, BatchSplit, Fuse, Parallel, Stack
 from jadapters.kernels import KernelLayout
 from jadapters.registry import build_adapter
@@ -303,8 +303,8 @@ def _run_one(
 def _run_bank(spec, module, params, io, inputs, stream, layout, training, key):
     """Runs adapter bank ``spec`` under the current :func:`jadapters.route` ids; ``None``
     at ``init`` without ids."""
-    ids = current_ids()
-    if ids is None:
+    routing = current_ids()
+    if routing is None:
         if io.creates_weights:
             return None  # init: the weights exist now; no example is routed
         raise ValueError(
@@ -313,7 +313,8 @@ def _run_bank(spec, module, params, io, inputs, stream, layout, training, key):
             "jadapters.route(adapter_ids) (Linen: apply(..., adapter_ids=ids)), with -1 for "
             "examples that take the base alone, or disable the bank."
         )
-    check_ids(ids, module.slots)  # concrete ids; traced ones out of range give NaN
+    ids, bounds = routing
+    check_range(bounds, module.slots)  # concrete ids; traced ones out of range give NaN
     return run_routed(
         module,
         params,
@@ -400,12 +401,11 @@ def _run_fuse(
         module = build_adapter(fusion.cfg)
         params = io.weights(fusion, module, jax.ShapeDtypeStruct(s.shape, s.dtype), None)
     fused = [members[n] for n in members if n != block.fusion]  # chain order
-    if fusion is None or not fusion.enabled:
-        for spec in fused:
-            out = _run_one(spec, io, x, y, layout, training=training, losses=losses)
-            if out is not None:
-                x, y = (out, None) if is_input else (x, out)
-        return x if is_input else y
+    if fusion is None or not fusion.enabled:  # the block is off: its members run as a chain
+        if not fused:
+            return s
+        chain = Stack(adapters=[spec.name for spec in fused])
+        return _run_block(chain, members, io, x, y, layout, training=training, losses=losses)
     outs = [_run_one(spec, io, x, y, layout, training=training, losses=losses) for spec in fused]
     deltas = [out - s for out in outs if out is not None]
     if not deltas:

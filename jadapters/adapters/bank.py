@@ -255,19 +255,28 @@ def gather_slots(params: Any, ids: jax.Array) -> Any:
     return jax.tree.map(lambda p: jnp.take(p, index, axis=0), params)
 
 
-def check_ids(ids: Any, slots: int | None = None) -> None:
-    """Checks concrete routing ids: integers, one axis, each ``-1`` or a slot index."""
+def check_ids(ids: Any) -> tuple[int, int] | None:
+    """Checks concrete routing ids (integers, one axis, none below ``-1``) and returns their
+    ``(min, max)``; ``None`` for traced ids, whose values are not known."""
     try:
         array = np.asarray(ids)
     except jax.errors.TracerArrayConversionError:
-        return  # traced: checked where the values are known
+        return None  # traced: out-of-range ids give NaN where they are used
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(
             f"adapter_ids must be a 1-d integer array (one slot index per example, -1 for "
             f"the base), got {_checks.show(ids)}."
         )
-    low = int(array.min()) if array.size else 0
-    high = int(array.max()) if array.size else 0
+    bounds = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    check_range(bounds)
+    return bounds
+
+
+def check_range(bounds: tuple[int, int] | None, slots: int | None = None) -> None:
+    """Raises unless the ids' ``(min, max)`` lie in ``[-1, slots)``; ``None``: traced ids."""
+    if bounds is None:
+        return
+    low, high = bounds
     if low < -1 or (slots is not None and high >= slots):
         bound = "" if slots is None else f" and below the bank's {slots} slots"
         raise ValueError(
