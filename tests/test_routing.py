@@ -476,3 +476,37 @@ def test_an_nnx_bank_on_one_module_takes_its_inner_insertion():
     routed = case(X, IDS)
     np.testing.assert_allclose(routed[IDS < 0], case.base_out(X[IDS < 0]), atol=1e-6)
     assert float(jnp.abs(routed[IDS >= 0] - case.base_out(X[IDS >= 0])).max()) > 1e-2
+
+
+def test_a_slot_table_names_the_slots_a_batch_routes_through(fe):
+    """SlotTable turns request names into ids; a freed slot is reused by the next adapter."""
+    group, cfg = TYPES["ia3"]
+    case = fe().add(f"{group}:tenants", bank(cfg, slots=2))
+    table = jadapters.SlotTable(2)
+    scales = {"legal": 2.0, "medical": 3.0, "code": 5.0}
+    host = next(iter(jadapters.slot_weights(*case.slot_args(), bank="tenants", slot=0)))
+
+    def load(name):
+        weights = {host: {"scale": jnp.full(8, scales[name])}}
+        slot = table.assign(name)
+        case.update(
+            jadapters.put_slot(*case.slot_args(), bank="tenants", slot=slot, weights=weights)
+        )
+
+    load("legal")
+    load("medical")
+    with pytest.raises(ValueError, match=r"all 2 slots are taken \(\['legal', 'medical'\]\)"):
+        table.assign("code")
+    names = ["medical", None, "legal", "medical", None]
+    ids = table.ids(names)
+    assert ids.tolist() == [1, -1, 0, 1, -1] and ids.dtype == np.int32
+    out, base = case(X, ids), case.base_out(X)
+    for i, name in enumerate(names):  # IA3 at the output: the base scaled by the tenant's
+        expected = base[i] if name is None else base[i] * scales[name]
+        np.testing.assert_allclose(out[i], expected, rtol=1e-6, atol=1e-6)
+    assert table.free("legal") == 0
+    load("code")  # takes the freed slot
+    assert table.names == {"code": 0, "medical": 1}
+    np.testing.assert_allclose(case(X, table.ids(["code"] * len(X))), base * 5.0, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"'legal' is in no slot; loaded: \['code', 'medical'\]"):
+        table.ids(["legal"])

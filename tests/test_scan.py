@@ -43,27 +43,37 @@ def noise(tree, seed=5):
 # --- Linen -----------------------------------------------------------------------------------
 
 
+# Kernels named with mesh axes, for the sharding tests below.
+PARTITIONED = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+
+
 class LinenLayer(nn.Module):
+    partitioned: bool = False  # the kernel boxed with axis names ("embed", "mlp")
+
     @nn.compact
     def __call__(self, x, _=None):
-        return jnp.tanh(nn.Dense(4, name="mlp")(x)), None
+        init = PARTITIONED if self.partitioned else nn.initializers.lecun_normal()
+        return jnp.tanh(nn.Dense(4, kernel_init=init, name="mlp")(x)), None
 
 
 class LinenScanned(nn.Module):
     remat: str = ""  # "", "inside" (nn.remat of the layer) or "outside" (of the scan)
+    partitioned: bool = False  # boxed kernels, the stack's axis named "layers"
 
     @nn.compact
     def __call__(self, x):
         layer = nn.remat(LinenLayer) if self.remat == "inside" else LinenLayer
+        metadata = {nn.PARTITION_NAME: "layers"} if self.partitioned else {}
         scan = nn.scan(
             layer,
             variable_axes={"params": 0, jadapters.ADAPTER_COLLECTION: 0},
             split_rngs={"params": True},
             length=L,
+            metadata_params=metadata,
         )
         if self.remat == "outside":
             scan = nn.remat(scan)
-        return scan(name="layers")(x, None)[0]
+        return scan(self.partitioned, name="layers")(x, None)[0]
 
 
 class LinenUnrolled(nn.Module):
@@ -191,19 +201,23 @@ def test_layer_selection_outside_a_stack_and_out_of_range_are_refused():
 
 
 class NNXBlock(nnx.Module):
-    def __init__(self, rngs):
-        self.mlp = nnx.Linear(4, 4, rngs=rngs)
+    def __init__(self, rngs, partitioned=False):  # the kernel named ("embed", "mlp")
+        init = nnx.initializers.lecun_normal()
+        init = nnx.with_partitioning(init, ("embed", "mlp")) if partitioned else init
+        self.mlp = nnx.Linear(4, 4, kernel_init=init, rngs=rngs)
 
     def __call__(self, x):
         return jnp.tanh(self.mlp(x))
 
 
 class NNXScanned(nnx.Module):
-    def __init__(self):
+    def __init__(self, partitioned=False, layer_name=None):  # layer_name: the stack's axis
+        metadata = {nnx.PARTITION_NAME: layer_name} if layer_name else {}
+
         @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=metadata)
         def create(rngs):
-            return NNXBlock(rngs)
+            return NNXBlock(rngs, partitioned)
 
         self.layers = create(nnx.Rngs(0))
 
@@ -347,34 +361,14 @@ def test_nnx_routing_in_a_scanned_stack_equals_unrolled():
 
 # --- sharding names of a scanned stack's adapters ------------------------------------------
 
-PARTITIONED = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
 EXPECTED_SPECS = {
     "i": {"scale": ("layers", "mlp")},
     "l": {"a": ("layers", "embed", None), "b": ("layers", None, "mlp")},
 }
 
 
-class LinenBoxedLayer(nn.Module):
-    @nn.compact
-    def __call__(self, x, _=None):
-        return jnp.tanh(nn.Dense(4, kernel_init=PARTITIONED, name="mlp")(x)), None
-
-
-class LinenBoxedScanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(
-            LinenBoxedLayer,
-            variable_axes={"params": 0, jadapters.ADAPTER_COLLECTION: 0},
-            split_rngs={"params": True},
-            length=L,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        return scan(name="layers")(x, None)[0]
-
-
 def test_linen_scanned_adapters_take_the_stack_axis_name():
-    model = jadapters.adapter_transform(LinenBoxedScanned(), "layers/mlp")
+    model = jadapters.adapter_transform(LinenScanned(partitioned=True), "layers/mlp")
     model = model.add_adapter("l", jadapters.LoRAConfig(rank=2)).add_adapter(
         "i", jadapters.IA3Config()
     )
@@ -383,39 +377,13 @@ def test_linen_scanned_adapters_take_the_stack_axis_name():
     assert jax.tree.map(tuple, specs) == EXPECTED_SPECS
 
 
-class NNXBoxedBlock(nnx.Module):
-    def __init__(self, rngs):
-        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
-        self.mlp = nnx.Linear(4, 4, kernel_init=init, rngs=rngs)
-
-    def __call__(self, x):
-        return jnp.tanh(self.mlp(x))
-
-
-class NNXBoxedScanned(nnx.Module):
-    def __init__(self, layer_name):
-        metadata = {nnx.PARTITION_NAME: layer_name} if layer_name else {}
-
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=metadata)
-        def create(rngs):
-            return NNXBoxedBlock(rngs)
-
-        self.layers = create(nnx.Rngs(0))
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
-
-
 @pytest.mark.parametrize("layer_name", ["layers", None])
 def test_nnx_scanned_adapters_take_the_stack_axis_name(layer_name):
     mesh = jax.make_mesh((1, 1, 1), ("layers", "embed", "mlp"))
     with jax.set_mesh(mesh):
-        model = jadapters.adapter_transform(NNXBoxedScanned(layer_name), "layers/mlp")
+        model = jadapters.adapter_transform(
+            NNXScanned(partitioned=True, layer_name=layer_name), "layers/mlp"
+        )
         model.add_adapter("l", jadapters.LoRAConfig(rank=2), rngs=nnx.Rngs(1))
         model.add_adapter("i", jadapters.IA3Config(), rngs=nnx.Rngs(1))
         specs = nnx.get_partition_spec(nnx.state(model, jadapters.AdapterParam))
@@ -442,7 +410,7 @@ def test_linen_scanned_sharded_step_equals_one_device():
     """A scanned, sharded stack (kernels split over a 2x4 mesh): Adam steps on the mesh give
     the one-device adapter weights; the adapters sit on their derived shardings."""
 
-    model = jadapters.adapter_transform(LinenBoxedScanned(), "layers/mlp")
+    model = jadapters.adapter_transform(LinenScanned(partitioned=True), "layers/mlp")
     model = model.add_adapter("l", jadapters.LoRAConfig(rank=2))
     x = jax.random.normal(jax.random.key(1), (8, 4))
     boxed = model.init(jax.random.key(0), x)
