@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import platform
@@ -138,7 +139,9 @@ def compile_rounds(
 
     Every repeat calls each maker for a new jitted function (anything with ``.lower``, such as
     ``jax.jit`` or ``nnx.jit`` results), so nothing is reused from an earlier trace; within a
-    repeat the variants are compiled in turn, alternating the order between repeats.
+    repeat the variants are compiled in turn, alternating the order between repeats. As
+    ``timeit`` does, each measurement starts from a collected heap and runs with the garbage
+    collector off, so that no variant pays for a collection of another's garbage.
 
     Args:
       makers: variant name -> a callable returning a fresh, not yet traced jitted function.
@@ -154,11 +157,16 @@ def compile_rounds(
         times: dict[str, dict[str, float]] = {}
         for name in names if r % 2 == 0 else names[::-1]:
             fn = makers[name]()
-            start = time.perf_counter()
-            lowered = fn.lower(*args[name])
-            mid = time.perf_counter()
-            lowered.compile()
-            end = time.perf_counter()
+            gc.collect()  # as timeit: no variant pays for another's garbage
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                lowered = fn.lower(*args[name])
+                mid = time.perf_counter()
+                lowered.compile()
+                end = time.perf_counter()
+            finally:
+                gc.enable()
             times[name] = {"lower": mid - start, "compile": end - mid, "total": end - start}
         results.append(times)
     return results

@@ -40,6 +40,12 @@ def module_fields(module_cls: type) -> list[str]:
 def register_adapter(config_cls: type, module_cls: type, *, name: str | None = None) -> None:
     """Registers an adapter type so that configs of it can be built and read from files.
 
+    The module's ``__call__(x, *, deterministic)`` returns the adapter's raw output. It may
+    also write that math as a pure method ``forward(params, x, *, training, key)``
+    (as the built-in types do, with ``jadapters.adapters.functional``) and have ``__call__``
+    only declare the weights and call it: the runtime then calls ``forward`` and skips Flax's
+    ``apply`` machinery when tracing. Without ``forward`` the module is applied as it is.
+
     Args:
       config_cls: a frozen dataclass whose fields are the module's constructor arguments.
       module_cls: the Flax Linen module the config builds.

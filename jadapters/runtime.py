@@ -25,8 +25,10 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+import jadapters.adapters.functional as F
 from jadapters._adapter_set import AdapterSpec
 from jadapters.adapters.bank import check_range, gather_slots
+from jadapters.adapters.base import adapter_forward
 from jadapters.composition import Average, BatchSplit, Fuse, Parallel, Stack
 from jadapters.kernels import KernelLayout
 from jadapters.registry import build_adapter
@@ -64,16 +66,6 @@ def needs_key(module: Any, training: bool) -> bool:
     return getattr(module, "dropout", 0.0) > 0.0 or requires_key(module.adapter_strategy, True)
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str) -> jax.Array:
-    if key is None:
-        raise ValueError(
-            f"{name} has dropout={rate} and needs a PRNG key in training, got key=None. Pass a "
-            "'dropout' PRNG stream or evaluate with training off."
-        )
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
-
-
 def run_adapter(
     module: Any,
     params: Any,
@@ -103,14 +95,14 @@ def run_adapter(
     name = type(module).__name__
     rate = getattr(module, "dropout", 0.0)
     if training and rate > 0.0 and key is None:
-        _dropout(x, rate, None, name)  # raises the error that names the missing stream
+        F.dropout(x, rate, None, name)  # raises the error that names the missing stream
     dropout_key = strategy_key = None
     if training and key is not None:
         dropout_key, strategy_key = jax.random.split(key)
     if layout is not None and layout.einsum_str is not None:
         # An Einsum host runs its own equation on the materialized kernel update.
         if training and rate > 0.0:
-            x = _dropout(x, rate, dropout_key, name)
+            x = F.dropout(x, rate, dropout_key, name)
         update = layout.to_kernel(module.flat_update(params))
         out = jnp.einsum(layout.einsum_str, x, update.astype(x.dtype))
     else:
@@ -121,8 +113,7 @@ def run_adapter(
         kwargs = {}
         if getattr(module, "needs_out_features", False):
             kwargs["out_features"] = stream.shape[-1] if out_features is None else out_features
-        rngs = {"dropout": dropout_key} if dropout_key is not None else {}
-        out = module.apply({"params": params}, x, deterministic=not training, rngs=rngs, **kwargs)
+        out = adapter_forward(module, params, x, training=training, key=dropout_key, **kwargs)
         if output_shape is not None:
             out = out.reshape(output_shape)
     if out.shape != stream.shape:

@@ -66,6 +66,8 @@ class AdapterMath:
         width).
       merge_insertion: the insertion at which :meth:`fold` applies; ``None`` for a type that
         cannot be folded into a kernel.
+      forward: (optional, per type) the adapter's math as a pure function of its weights,
+        ``forward(params, x, *, training, key)``; see :func:`adapter_forward`.
       weight_axes: the weight schema: each parameter's path (``"down/kernel"``) and the
         logical name of each of its axes: ``"in"``/``"out"`` (the host's input and output
         width), ``"features"`` (the width of the stream the adapter sits on), ``"rank"`` or
@@ -78,6 +80,13 @@ class AdapterMath:
     merge_insertion: ClassVar[str | None] = None
     weight_axes: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
+    def forward_from_call(self, params: Any, x: jax.Array, deterministic: bool) -> jax.Array:
+        """What a type's Linen ``__call__`` returns once it has declared ``params``: its
+        ``forward``, with a key from the ``'dropout'`` stream where dropout is on."""
+        off = deterministic or getattr(self, "dropout", 0.0) == 0.0
+        key = None if off else self.make_rng("dropout")  # type: ignore[attr-defined]
+        return self.forward(params, x, training=not deterministic, key=key)  # type: ignore[attr-defined]
+
     def fold(
         self, params: Any, kernel: jax.Array, bias: jax.Array | None, layout: Any, *, factor: float
     ) -> tuple[jax.Array, jax.Array | None]:
@@ -88,6 +97,30 @@ class AdapterMath:
             continues a sentence whose subject is the adapter.
         """
         raise ValueError("cannot be folded into a kernel.")
+
+
+def adapter_forward(
+    module: Any,
+    params: Any,
+    x: jax.Array,
+    *,
+    training: bool = False,
+    key: jax.Array | None = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """``module``'s raw output on ``x`` from its weights ``params``.
+
+    A type that writes its math as a pure ``forward(params, x, *, training, key)`` (and whose
+    ``__call__`` only declares the weights and calls it) is run through that, with no Flax
+    scope; any other module (a registered third-party type) through ``apply``, with ``key`` as
+    its ``'dropout'`` stream. ``kwargs`` (``out_features``) go to ``apply`` only: given its
+    weights, an adapter's widths are theirs.
+    """
+    forward = getattr(module, "forward", None)
+    if forward is not None:
+        return forward(params, x, training=training, key=key)
+    rngs = {"dropout": key} if key is not None else {}
+    return module.apply({"params": params}, x, deterministic=not training, rngs=rngs, **kwargs)
 
 
 # ---- partitioning: adapter weights follow their host kernel's axis names -----------------

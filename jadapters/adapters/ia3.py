@@ -105,7 +105,16 @@ class IA3(nn.Module, AdapterMath):
         # in_features first: with chex's assertions disabled, a mismatch still fails below.
         features = self.in_features or y.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.dtype(self.param_dtype))
-        return ia3_delta(y, scale)
+        return self.forward({"scale": scale}, y)
+
+    @nn.nowrap
+    def forward(
+        self, params: Any, y: jax.Array, *, training: bool = False, key: jax.Array | None = None
+    ) -> jax.Array:
+        """``y * (scale - 1)`` from ``params`` (a pure function)."""
+        del training, key
+        _checks.check_input("IA3", "y", y, in_features=self.in_features)
+        return ia3_delta(y, params["scale"])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 import jadapters._checks as _checks
+import jadapters.adapters.functional as F
 from jadapters._activations import get_activation
 from jadapters.adapters.base import AdapterConfig, AdapterMath, check_activation
 from jadapters.registry import register_adapter
@@ -95,30 +97,41 @@ class LinearAdapter(nn.Module, AdapterMath):
         _checks.check_input("LinearAdapter", "x", x, in_features=self.in_features)
         # in_features first: with chex's assertions disabled, a mismatch still fails below.
         features = self.in_features or x.shape[-1]
-        act = get_activation(self.activation)
-        dense = lambda n, zero, name: nn.Dense(  # noqa: E731
-            n,
-            use_bias=False,
-            dtype=x.dtype,
-            kernel_init=nn.initializers.zeros if zero else nn.initializers.lecun_normal(),
-            name=name,
-        )
+        f32, width = jnp.float32, x.shape[-1]
+        zeros, lecun = nn.initializers.zeros, nn.initializers.lecun_normal()
+        norm_init = nn.initializers.ones if self.norm_position == "pre" else zeros
+        up_init = zeros if self.norm_position == "pre" else lecun
+        norm_width = width if self.norm_position == "pre" else features
+        params = {}  # in the order Flax's layers would create them (the init keys follow it)
         if self.norm_position == "pre":
-            h = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=x.dtype, name="norm")(x)
-            h = dense(self.dim, False, "down")(h)
-            h = dense(features, True, "up")(act(h))
-        else:
-            h = dense(self.dim, False, "down")(x)
-            h = dense(features, False, "up")(act(h))
-            h = nn.LayerNorm(
-                epsilon=self.norm_epsilon,
-                dtype=x.dtype,
-                scale_init=nn.initializers.zeros,
-                bias_init=nn.initializers.zeros,
-                name="norm",
-            )(h)
-        if self.dropout > 0.0:
-            h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+            params["norm"] = F.declare(
+                "norm", scale=(norm_init, (norm_width,), f32), bias=(zeros, (norm_width,), f32)
+            )
+        params["down"] = F.declare("down", kernel=(lecun, (width, self.dim), f32))
+        params["up"] = F.declare("up", kernel=(up_init, (self.dim, features), f32))
+        if self.norm_position == "post":
+            params["norm"] = F.declare(
+                "norm", scale=(norm_init, (norm_width,), f32), bias=(zeros, (norm_width,), f32)
+            )
+        return self.forward_from_call(params, x, deterministic)
+
+    @nn.nowrap
+    def forward(
+        self, params: Any, x: jax.Array, *, training: bool = False, key: jax.Array | None = None
+    ) -> jax.Array:
+        """The bottleneck's raw output (before its strategy) from ``params``: a pure function
+        of the weights, with no Flax scope."""
+        _checks.check_input("LinearAdapter", "x", x, in_features=self.in_features)
+        act = get_activation(self.activation)
+        norm = lambda h: F.layer_norm(  # noqa: E731
+            h, params["norm"]["scale"], params["norm"]["bias"], epsilon=self.norm_epsilon
+        )
+        h = norm(x) if self.norm_position == "pre" else x
+        h = F.dense(act(F.dense(h, params["down"]["kernel"])), params["up"]["kernel"])
+        if self.norm_position == "post":
+            h = norm(h)
+        if training and self.dropout > 0.0:
+            h = F.dropout(h, self.dropout, key, "LinearAdapter")
         return h.astype(x.dtype)
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import jadapters._checks as _checks
+import jadapters.adapters.functional as F
 from jadapters.adapters.base import AdapterConfig, AdapterMath
 from jadapters.registry import register_adapter
 from jadapters.strategies import ResidualAddStrategy
@@ -150,9 +151,18 @@ class LoRA(nn.Module, AdapterMath):
         _checks.check_input("LoRA", "x", x)
         _checks.check_positive_int("out_features", out_features)
         a, b = self.factors(x.shape[-1], out_features)
-        if self.dropout > 0.0:
-            x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
-        return lora_delta(x, a, b, scale=self.scale)
+        return self.forward_from_call({"a": a, "b": b}, x, deterministic)
+
+    @nn.nowrap
+    def forward(
+        self, params: Any, x: jax.Array, *, training: bool = False, key: jax.Array | None = None
+    ) -> jax.Array:
+        """The update's effect ``scale * dropout(x) @ A @ B`` from ``params`` (a pure
+        function)."""
+        _checks.check_input("LoRA", "x", x)
+        if training and self.dropout > 0.0:
+            x = F.dropout(x, self.dropout, key, "LoRA")
+        return lora_delta(x, params["a"], params["b"], scale=self.scale)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

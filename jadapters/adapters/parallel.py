@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import jadapters._checks as _checks
+import jadapters.adapters.functional as F
 from jadapters._activations import get_activation
 from jadapters.adapters.base import AdapterConfig, AdapterMath, check_activation
 from jadapters.registry import register_adapter
@@ -83,15 +84,35 @@ class ParallelAdapter(nn.Module, AdapterMath):
     def __call__(self, x: jax.Array, *, out_features: int, deterministic: bool = True):
         _checks.check_input("ParallelAdapter", "x", x)
         _checks.check_positive_int("out_features", out_features)
-        h = nn.Dense(self.dim, dtype=x.dtype, name="down")(x)
-        h = get_activation(self.activation)(h)
-        h = nn.Dense(out_features, dtype=x.dtype, kernel_init=nn.initializers.zeros, name="up")(h)
-        if self.dropout > 0.0:
-            h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+        f32, zeros = jnp.float32, nn.initializers.zeros
+        params = {
+            "down": F.declare(
+                "down",
+                kernel=(nn.initializers.lecun_normal(), (x.shape[-1], self.dim), f32),
+                bias=(zeros, (self.dim,), f32),
+            ),
+            "up": F.declare(
+                "up",
+                kernel=(zeros, (self.dim, out_features), f32),
+                bias=(zeros, (out_features,), f32),
+            ),
+        }
         if self.learn_scale:
-            s = self.param("scale", nn.initializers.constant(self.scale), (), jnp.float32)
-        else:
-            s = jnp.asarray(self.scale, jnp.float32)
+            params["scale"] = self.param("scale", nn.initializers.constant(self.scale), (), f32)
+        return self.forward_from_call(params, x, deterministic)
+
+    @nn.nowrap
+    def forward(
+        self, params: Any, x: jax.Array, *, training: bool = False, key: jax.Array | None = None
+    ) -> jax.Array:
+        """``scale * up(act(down(x)))`` from ``params`` (a pure function)."""
+        _checks.check_input("ParallelAdapter", "x", x)
+        h = F.dense(x, params["down"]["kernel"], params["down"]["bias"])
+        h = get_activation(self.activation)(h)
+        h = F.dense(h, params["up"]["kernel"], params["up"]["bias"])
+        if training and self.dropout > 0.0:
+            h = F.dropout(h, self.dropout, key, "ParallelAdapter")
+        s = params["scale"] if self.learn_scale else jnp.asarray(self.scale, jnp.float32)
         return (h * s.astype(h.dtype)).astype(x.dtype)
 
 
