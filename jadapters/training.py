@@ -346,12 +346,16 @@ class NNXTrainStep:
     :func:`nnx_train_step`.
 
     ``step(model, optimizer, batch) -> metrics`` updates ``model`` and ``optimizer`` in place.
-    The first call for a (model, optimizer) pair splits their graphs once
-    (``nnx.cached_partial``); later calls pass only the arrays to one ``jax.jit``-compiled
-    pure function, so the per-call cost does not grow with the graph. The split is redone
-    when the adapters change (add, remove, enable, disable) or a mode flag changes
-    (``model.train()``/``eval()``, BatchNorm's ``use_running_average``). After changing the
-    model's structure in any other way (replacing a submodule), call :meth:`reset`.
+    The first call for a (model, optimizer) pair splits their graphs once into the frozen
+    base (``nnx.Param``), the rest of the model (adapter weights, RNG counters, statistics)
+    and the optimizer's state, and keeps the live variables of each part. Every call then
+    reads their arrays, runs one ``jax.jit``-compiled pure function and writes back the
+    model's rest and the optimizer's state. The base is an input only, never an output: the
+    compiled step neither copies it nor holds a second one in memory, and its per-call cost
+    does not grow with the graph's Python objects. The split is redone when the adapters
+    change (add, remove, enable, disable) or a mode flag changes (``model.train()``/``eval()``,
+    BatchNorm's ``use_running_average``). After changing the model's structure in any other
+    way (replacing a submodule), call :meth:`reset`.
 
     The optimizer must be one built for exactly the enabled adapters (same names, same weight
     shapes): its state belongs to them. Otherwise the step raises ``ValueError`` before
@@ -367,28 +371,24 @@ class NNXTrainStep:
     ):
         self.loss_fn = loss_fn
         self.trainable = trainable
-        names = self._names
-
-        def step(model, optimizer, batch):
-            enabled = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
-            trainable = _only(enabled, names(model))
-
-            def objective(model):
-                loss, metrics = _split_loss(loss_fn(model, batch))
-                aux = total_auxiliary_loss(nnx.pop(model, AdapterLoss))
-                return loss + aux, {**metrics, "task_loss": loss, "aux_loss": aux}
-
-            grad_fn = nnx.value_and_grad(
-                objective, argnums=nnx.DiffState(0, trainable), has_aux=True
-            )
-            (loss, metrics), grads = grad_fn(model)
-            optimizer.update(model, grads)
-            return {**metrics, "loss": loss}
-
-        # Only the optimizer's state is donated: the model's arrays include the frozen base,
-        # which other references (an unmerge snapshot, a clone) may still hold.
-        self.jitted = nnx.jit(step, donate_argnums=(1,) if donate else ())
+        self.donate = donate
+        self._compiled: dict[Any, Callable[..., Any]] = {}  # one pure step per graph structure
         self._bound: tuple | None = None
+
+    def _step(self, model: Any, optimizer: Any, batch: Any) -> dict:
+        """The step on live objects (traced inside the pure function)."""
+        enabled = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
+        trainable = _only(enabled, self._names(model))
+
+        def objective(model):
+            loss, metrics = _split_loss(self.loss_fn(model, batch))
+            aux = total_auxiliary_loss(nnx.pop(model, AdapterLoss))
+            return loss + aux, {**metrics, "task_loss": loss, "aux_loss": aux}
+
+        grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, trainable), has_aux=True)
+        (loss, metrics), grads = grad_fn(model)
+        optimizer.update(model, grads)
+        return {**metrics, "loss": loss}
 
     def _names(self, model: Any) -> tuple[str, ...] | None:
         """The bare names of the adapters that train (``None``: every enabled one)."""
@@ -399,21 +399,74 @@ class NNXTrainStep:
         # O(1): changes whenever any adapter is added, removed, enabled or disabled
         return (id(model), id(optimizer), model._adapter_revision(), flags)
 
+    def _pure(self, model: Any, optimizer: Any) -> tuple[Callable[..., Any], list]:
+        """The compiled pure step for this structure and the live variables it reads:
+        ``[base, rest, optimizer state]``, each a list in the pure step's order."""
+        graphdef, base, rest = nnx.split(model, nnx.Param, ...)
+        opt_graphdef, opt = nnx.split(optimizer)
+        parts = [(model, base), (model, rest), (optimizer, opt)]
+        live = [_live_variables(node, state) for node, state in parts]
+        key = (graphdef, opt_graphdef)
+        if key not in self._compiled:
+            templates = [  # paths and variable types only: no arrays are kept alive
+                [(p, v.copy(jax.tree.map(_abstract, v.get_raw_value()))) for p, v in flat]
+                for flat in (nnx.to_flat_state(state) for _, state in parts)
+            ]
+            self._compiled[key] = self._compile(graphdef, opt_graphdef, templates)
+        return self._compiled[key], live
+
+    def _compile(self, graphdef: Any, opt_graphdef: Any, templates: list) -> Callable[..., Any]:
+        def state(template: list, arrays: list) -> Any:
+            pairs = zip(template, arrays, strict=True)
+            return nnx.from_flat_state([(p, v.copy(a)) for (p, v), a in pairs])
+
+        def leaves(template: list, now: Any, what: str) -> list:
+            flat = list(nnx.to_flat_state(now))
+            if [p for p, _ in flat] != [p for p, _ in template]:
+                raise ValueError(
+                    f"the training step changed the {what}'s structure (variables added or "
+                    "removed); a loss function must leave the model as it found it (pop what "
+                    "it sows)."
+                )
+            return [v.get_raw_value() for _, v in flat]
+
+        def pure(base: list, rest: list, opt: list, batch: Any):
+            model = nnx.merge(graphdef, state(templates[0], base), state(templates[1], rest))
+            optimizer = nnx.merge(opt_graphdef, state(templates[2], opt))
+            metrics = self._step(model, optimizer, batch)
+            _, _, new_rest = nnx.split(model, nnx.Param, ...)
+            return (
+                leaves(templates[1], new_rest, "model"),
+                leaves(templates[2], nnx.state(optimizer), "optimizer"),
+                metrics,
+            )
+
+        # Only the optimizer's state is donated: the model's arrays may be held elsewhere
+        # too (an unmerge snapshot, a clone).
+        return jax.jit(pure, donate_argnums=(2,) if self.donate else ())
+
     def __call__(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> dict:
-        if self._bound is not None:
-            token, modes, cached = self._bound
-            if token == self._token(model, optimizer, modes):
-                return cached(batch)
-        _check_optimizer(model, optimizer, self._names(model))
-        modes = [
-            (node, attr)
-            for _, node in nnx.iter_graph(model)
-            for attr in _MODE_ATTRS
-            if isinstance(node, nnx.Module) and attr in vars(node)
-        ]
-        cached = nnx.cached_partial(self.jitted, model, optimizer)
-        self._bound = (self._token(model, optimizer, modes), modes, cached)
-        return cached(batch)
+        if self._bound is None or self._bound[0] != self._token(model, optimizer, self._bound[1]):
+            _check_optimizer(model, optimizer, self._names(model))
+            modes = [
+                (node, attr)
+                for _, node in nnx.iter_graph(model)
+                for attr in _MODE_ATTRS
+                if isinstance(node, nnx.Module) and attr in vars(node)
+            ]
+            pure, live = self._pure(model, optimizer)
+            self._bound = (self._token(model, optimizer, modes), modes, pure, live)
+        _, _, pure, (base, rest, opt) = self._bound
+        new_rest, new_opt, metrics = pure(
+            [v.get_raw_value() for v in base],
+            [v.get_raw_value() for v in rest],
+            [v.get_raw_value() for v in opt],
+            batch,
+        )
+        for variables, arrays in ((rest, new_rest), (opt, new_opt)):
+            for v, a in zip(variables, arrays, strict=True):
+                v.set_raw_value(a)
+        return metrics
 
     def reset(self) -> None:
         """Forgets the cached split, so the next call reads the model's graph afresh."""
@@ -422,7 +475,19 @@ class NNXTrainStep:
     def lower(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
         """``jax.stages.Lowered`` of the step, for inspecting or timing compilation."""
         _check_optimizer(model, optimizer, self._names(model))
-        return self.jitted.lower(model, optimizer, batch)
+        pure, live = self._pure(model, optimizer)
+        return pure.lower(*([v.get_raw_value() for v in part] for part in live), batch)
+
+
+def _abstract(x: Any) -> Any:
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x
+
+
+def _live_variables(node: Any, state: Any) -> list:
+    """The live ``nnx.Variable`` objects of ``node`` behind ``state`` (a split of it), in the
+    order of ``nnx.to_flat_state(state)``."""
+    by_path = {path: v for path, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)}
+    return [by_path[path] for path, _ in nnx.to_flat_state(state)]
 
 
 def _selected(model: Any, wrt: Any) -> dict:

@@ -435,6 +435,35 @@ def test_nnx_step_is_not_retraced_for_an_equal_optax_transformation(nnx_model, d
     assert len(traces) == 3
 
 
+def test_nnx_step_neither_outputs_nor_copies_the_base(nnx_model, data):
+    """The base is an input of the compiled step, never an output: after a step every base
+    variable holds the very array it held before, and the compiled program's outputs are the
+    adapters', the optimizer's and the small state beside them (RNG counters, metrics)."""
+    model = _fresh(nnx_model)
+    optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+    step = jadapters.nnx_train_step(_nnx_loss)
+    batch = (data[0][:16], data[1][:16])
+    base_vars = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    before = [v.get_raw_value() for v in base_vars]
+    adapters = _copy(nnx.state(model, AdapterParam))
+    step(model, optimizer, batch)
+    assert all(v.get_raw_value() is a for v, a in zip(base_vars, before, strict=True))
+    moved = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: not np.array_equal(a, b), adapters, nnx.state(model, AdapterParam)
+        )
+    )
+    assert any(moved)
+
+    def nbytes(tree):
+        return sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree))
+
+    out = step.lower(model, optimizer, batch).compile().memory_analysis().output_size_in_bytes
+    base_bytes = nbytes(nnx.state(model, nnx.Param))
+    small = nbytes(nnx.state(model, AdapterParam)) + nbytes(nnx.state(optimizer)) + 4096
+    assert out <= small < base_bytes, (out, small, base_bytes)
+
+
 def test_nnx_step_reuses_its_split_and_follows_adapter_and_mode_changes(nnx_model, data):
     model = _fresh(nnx_model)
     model.add_adapter("other", LinearAdapterConfig(dim=4), rngs=nnx.Rngs(params=3, dropout=4))
