@@ -898,9 +898,24 @@ def bench_disabled_linen(args) -> dict:
         warmup=args.warmup,
         steps=args.small_steps,
     )
-    what = f"Linen jax.jit(apply): {len(names)} added, 1 enabled / 1 added"
+    adam = optax.adam(1e-4)
+    y = jnp.zeros((size.batch,), jnp.int32)
+    steppers = {}
+    for label, adapted, adapters in (("many", many, many_adapters), ("one", one, one_adapters)):
+        step = jadapters.linen_train_step(adapted, _loss_fn, adam)
+        ours = copy_tree(adapters)
+        steppers[label] = Stepper(step, (ours, step.init(ours)), (base, (x, y), jax.random.key(1)))
+    step_rounds = time_rounds(
+        steppers, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps
+    )
+    what = f"{len(names)} added, 1 enabled / 1 added"
     return {
-        "comparisons": [compare(what, rounds, "many", "one", TARGETS["disabled"])],
+        "comparisons": [
+            compare(f"Linen jax.jit(apply): {what}", rounds, "many", "one", TARGETS["disabled"]),
+            compare(
+                f"Linen linen_train_step: {what}", step_rounds, "many", "one", TARGETS["disabled"]
+            ),
+        ],
         "leaves": {"many": len(jax.tree.leaves(many_vars)), "one": len(jax.tree.leaves(one_vars))},
     }
 
@@ -942,10 +957,15 @@ def bench_disabled_nnx(args) -> dict:
         fn, state = _pure_forward(model)
         fns[f"split {label}"] = _blocking(jax.jit(fn), state, x)
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(many, x), one(x), rtol=RTOL, atol=ATOL)
+    adam = optax.adam(1e-4)
+    y = jnp.zeros((size.batch,), jnp.int32)
+    for label, model in (("many", many), ("one", one)):
+        *_, fns[f"step {label}"] = _nnx_jadapters_step(model, adam, (x, y))
     rounds = time_rounds(fns, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps)
     what, target = f"{len(names)} added, 1 enabled / 1 added", TARGETS["disabled"]
     return {
         "comparisons": [
+            compare(f"NNX nnx_train_step: {what}", rounds, "step many", "step one", target),
             compare(f"NNX nnx.jit(m(x)): {what}", rounds, "nnx.jit many", "nnx.jit one", target),
             compare(
                 f"NNX jax.jit(nnx.merge(graphdef, state)(x)): {what}",

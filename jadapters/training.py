@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from flax import nnx
 
 from jadapters._checks import show
 from jadapters.losses import AUX_LOSS_COLLECTION, AdapterLoss, total_auxiliary_loss
-from jadapters.storage import ADAPTER_COLLECTION
+from jadapters.storage import ADAPTER_COLLECTION, NNX_ADAPTER_ATTR
 from jadapters.view import TRAINABLE, view_of
 
 
@@ -347,12 +348,14 @@ class NNXTrainStep:
 
     ``step(model, optimizer, batch) -> metrics`` updates ``model`` and ``optimizer`` in place.
     The first call for a (model, optimizer) pair splits their graphs once into the frozen
-    base (``nnx.Param``), the rest of the model (adapter weights, RNG counters, statistics)
-    and the optimizer's state, and keeps the live variables of each part. Every call then
-    reads their arrays, runs one ``jax.jit``-compiled pure function and writes back the
-    model's rest and the optimizer's state. The base is an input only, never an output: the
-    compiled step neither copies it nor holds a second one in memory, and its per-call cost
-    does not grow with the graph's Python objects. The split is redone when the adapters
+    base (``nnx.Param``), the disabled adapters' weights, the rest of the model (enabled
+    adapters' weights, RNG counters, statistics) and the optimizer's state, and keeps the live
+    variables of each part. Every call then reads their arrays, runs one ``jax.jit``-compiled
+    pure function and writes back the model's rest and the optimizer's state. The base is an
+    input only, never an output: the compiled step neither copies it nor holds a second one
+    in memory. Disabled adapters are not even inputs (they run nowhere), so the per-call cost
+    does not grow with the adapters added and left disabled, nor with the graph's Python
+    objects. The split is redone when the adapters
     change (add, remove, enable, disable) or a mode flag changes (``model.train()``/``eval()``,
     BatchNorm's ``use_running_average``). After changing the model's structure in any other
     way (replacing a submodule), call :meth:`reset`.
@@ -396,26 +399,31 @@ class NNXTrainStep:
 
     def _token(self, model: Any, optimizer: Any, modes: list) -> tuple:
         flags = tuple(getattr(m, a) for m, a in modes)
-        # O(1): changes whenever any adapter is added, removed, enabled or disabled
-        return (id(model), id(optimizer), model._adapter_revision(), flags)
+        # The objects themselves, weakly: an id alone can be reused by a new optimizer once
+        # the old one is gone. The revision changes whenever any adapter is added, removed,
+        # enabled or disabled (O(1)).
+        return (weakref.ref(model), weakref.ref(optimizer), model._adapter_revision(), flags)
 
     def _pure(self, model: Any, optimizer: Any) -> tuple[Callable[..., Any], list]:
         """The compiled pure step for this structure and the live variables it reads:
         ``[base, rest, optimizer state]``, each a list in the pure step's order."""
-        graphdef, base, rest = nnx.split(model, nnx.Param, ...)
+        disabled = _disabled_adapters(model.unfreeze_enabled_adapters(False))
+        graphdef, base, off, rest = nnx.split(model, nnx.Param, disabled, ...)
         opt_graphdef, opt = nnx.split(optimizer)
-        parts = [(model, base), (model, rest), (optimizer, opt)]
-        live = [_live_variables(node, state) for node, state in parts]
-        key = (graphdef, opt_graphdef)
+        parts = [(model, base), (model, rest), (optimizer, opt), (model, off)]
+        live = [_live_variables(node, state) for node, state in parts[:3]]
+        key = (graphdef, opt_graphdef, tuple(p for p, _ in nnx.to_flat_state(off)))
         if key not in self._compiled:
             templates = [  # paths and variable types only: no arrays are kept alive
                 [(p, v.copy(jax.tree.map(_abstract, v.get_raw_value()))) for p, v in flat]
                 for flat in (nnx.to_flat_state(state) for _, state in parts)
             ]
-            self._compiled[key] = self._compile(graphdef, opt_graphdef, templates)
+            self._compiled[key] = self._compile(graphdef, opt_graphdef, disabled, templates)
         return self._compiled[key], live
 
-    def _compile(self, graphdef: Any, opt_graphdef: Any, templates: list) -> Callable[..., Any]:
+    def _compile(
+        self, graphdef: Any, opt_graphdef: Any, disabled: Any, templates: list
+    ) -> Callable[..., Any]:
         def state(template: list, arrays: list) -> Any:
             pairs = zip(template, arrays, strict=True)
             return nnx.from_flat_state([(p, v.copy(a)) for (p, v), a in pairs])
@@ -431,10 +439,13 @@ class NNXTrainStep:
             return [v.get_raw_value() for _, v in flat]
 
         def pure(base: list, rest: list, opt: list, batch: Any):
-            model = nnx.merge(graphdef, state(templates[0], base), state(templates[1], rest))
+            # A disabled adapter runs nowhere, so its weights are no arguments at all: in the
+            # trace they are their shapes (the template's values), and they cost no call time.
+            off = nnx.from_flat_state([(p, v.copy()) for p, v in templates[3]])
+            model = nnx.merge(graphdef, state(templates[0], base), off, state(templates[1], rest))
             optimizer = nnx.merge(opt_graphdef, state(templates[2], opt))
             metrics = self._step(model, optimizer, batch)
-            _, _, new_rest = nnx.split(model, nnx.Param, ...)
+            *_, new_rest = nnx.split(model, nnx.Param, disabled, ...)
             return (
                 leaves(templates[1], new_rest, "model"),
                 leaves(templates[2], nnx.state(optimizer), "optimizer"),
@@ -477,6 +488,21 @@ class NNXTrainStep:
         _check_optimizer(model, optimizer, self._names(model))
         pure, live = self._pure(model, optimizer)
         return pure.lower(*([v.get_raw_value() for v in part] for part in live), batch)
+
+
+def _disabled_adapters(enabled: Any) -> Callable[[tuple, Any], bool]:
+    """An NNX filter: every variable of an adapter that ``enabled`` (the enabled adapters'
+    filter) does not select, its weights and its own RNG streams alike."""
+    on = set(enabled.prefixes)
+
+    def selects(path: tuple, value: Any) -> bool:
+        del value
+        if NNX_ADAPTER_ATTR not in path:
+            return False
+        end = path.index(NNX_ADAPTER_ATTR) + 2
+        return len(path) > end and tuple(path[:end]) not in on
+
+    return selects
 
 
 def _abstract(x: Any) -> Any:

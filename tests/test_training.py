@@ -4,6 +4,7 @@ The base is a randomly initialised transformer, taken as is and frozen; adapters
 block's MLP learn scikit-learn's bundled 8x8 digits (8 tokens of 8 pixels, 10 classes).
 """
 
+import gc
 import re
 
 import flax.linen as nn
@@ -462,6 +463,49 @@ def test_nnx_step_neither_outputs_nor_copies_the_base(nnx_model, data):
     base_bytes = nbytes(nnx.state(model, nnx.Param))
     small = nbytes(nnx.state(model, AdapterParam)) + nbytes(nnx.state(optimizer)) + 4096
     assert out <= small < base_bytes, (out, small, base_bytes)
+
+
+def test_nnx_step_takes_no_disabled_adapter_weights(nnx_model, data):
+    """Adapters added and left disabled are no arguments of the compiled step: it has as many
+    inputs as the model with the enabled adapter alone, computes the same step, and leaves
+    the disabled weights as the very arrays they were."""
+    batch = (data[0][:16], data[1][:16])
+    alone, many = _fresh(nnx_model), _fresh(nnx_model)
+    for i in range(5):
+        many.add_adapter(f"off{i}", CFG, rngs=nnx.Rngs(params=10 + i, dropout=20 + i))
+        many.set_enabled_adapters(f"off{i}", enabled=False)
+    off_vars = [
+        v for p, v in nnx.iter_graph(many) if isinstance(v, AdapterParam) and "off0" in map(str, p)
+    ]
+    off_before = [v.get_raw_value() for v in off_vars]
+    args, metrics = [], []
+    for model in (alone, many):
+        optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+        step = jadapters.nnx_train_step(_nnx_loss)
+        args.append(len(jax.tree.leaves(step.lower(model, optimizer, batch).args_info)))
+        metrics.append(jax.tree.map(float, step(model, optimizer, batch)))
+    assert args[0] == args[1], args
+    assert metrics[0] == metrics[1]
+    assert_trees_equal(
+        nnx.state(alone, AdapterParam), nnx.state(many, many.unfreeze_enabled_adapters(False))
+    )
+    assert off_vars and all(
+        v.get_raw_value() is a for v, a in zip(off_vars, off_before, strict=True)
+    )
+
+
+def test_nnx_step_follows_a_new_optimizer_that_reuses_an_old_ones_id(nnx_model, data):
+    """Each new optimizer is the one that steps, also when CPython gives it the id of one
+    that is gone (the step's cached split must not be taken for it)."""
+    model = _fresh(nnx_model)
+    step = jadapters.nnx_train_step(_nnx_loss)
+    batch = (data[0][:16], data[1][:16])
+    for _ in range(8):  # CPython often hands a new object the id of one just freed
+        optimizer = jadapters.adapter_optimizer(model, NNX_TX)
+        step(model, optimizer, batch)
+        assert int(optimizer.step[...]) == 1  # its own state moved, no one else's
+        del optimizer
+        gc.collect()
 
 
 def test_nnx_step_reuses_its_split_and_follows_adapter_and_mode_changes(nnx_model, data):
