@@ -41,18 +41,26 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, steps
     """Median milliseconds per call of each ``fn`` (which must block on its result).
 
     The variants are timed in turn within each round, alternating the order, so load from
-    other processes falls on all of them alike and none always runs first.
+    other processes falls on all of them alike and none always runs first. As ``timeit``
+    does, the timed calls run with Python's garbage collector off (after a collection): a
+    collection's cost grows with every object in the process, not with the code timed, and
+    would otherwise fall on whichever call it interrupts.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
-    for i in range(steps):
-        for name in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(steps):
+            for name in order if i % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -151,15 +151,77 @@ class LinenTrainStep:
     compiled: Callable[..., Any]
     # The adapters that train (their bare names); None: every enabled adapter.
     trainable: tuple[str, ...] | None = None
+    # {host path: names of its disabled adapters}, read from the first tree the step is given
+    _disabled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def init(self, adapter_params: Any) -> Any:
         """Optimizer state for the trainable adapters' weights only."""
         labeller = _linen_labeller(self.adapted, self.trainable)
-        trainable, _ = _enabled_only(labeller, adapter_params)
+        trainable, _ = _enabled_only(labeller, self._park(adapter_params)[0])
         return self.tx.init(trainable)
 
+    def _park(self, adapter_params: Any) -> tuple[Any, list]:
+        if "plan" not in self._disabled:
+            self._disabled["plan"] = _disabled_hosts(self.adapted, adapter_params)
+        return _park(adapter_params, self._disabled["plan"])
+
     def __call__(self, adapter_params, opt_state, base_variables, batch, key):
-        return self.compiled(adapter_params, opt_state, base_variables, batch, key)
+        # A disabled adapter runs nowhere: its weights skip the compiled step (they are no
+        # arguments, so their number costs nothing per call) and come back as they were.
+        active, parked = self._park(adapter_params)
+        active, opt_state, metrics = self.compiled(active, opt_state, base_variables, batch, key)
+        return _unpark(active, parked), opt_state, metrics
+
+
+def _disabled_hosts(adapted: Any, adapters: Any) -> dict[tuple[str, ...], frozenset[str]]:
+    """``{host path: names}`` of the disabled adapters' weights in a Linen adapter tree."""
+    off = [spec for spec in adapted.adapters.specs if not spec.enabled]
+    if not off:
+        return {}
+    view = view_of(adapted, {"params": {}, ADAPTER_COLLECTION: adapters})
+    hosts: dict[tuple[str, ...], list[str]] = {}
+    for spec in off:
+        try:
+            (weights,) = view.weights([spec])
+        except ValueError:  # no weights yet: nothing to set aside
+            continue
+        for host in weights.hosts:
+            hosts.setdefault(tuple(host.split("/")), []).append(spec.name)
+    return {host: frozenset(names) for host, names in hosts.items()}
+
+
+def _park(tree: Any, plan: dict) -> tuple[Any, list]:
+    """``tree`` without the weights ``plan`` names, and what was taken out (to put back)."""
+    parked = []
+    for host, names in plan.items():
+        node = tree
+        for key in host:
+            if not isinstance(node, Mapping) or key not in node:
+                break
+            node = node[key]
+        else:
+            if isinstance(node, Mapping):
+                kept = {k: v for k, v in node.items() if k not in names}
+                if len(kept) < len(node):
+                    parked.append((host, {k: v for k, v in node.items() if k in names}))
+                    tree = _replaced(tree, host, kept)
+    return tree, parked
+
+
+def _unpark(tree: Any, parked: list) -> Any:
+    for host, weights in parked:
+        node = tree
+        for key in host:
+            node = node[key]
+        tree = _replaced(tree, host, {**node, **weights})
+    return tree
+
+
+def _replaced(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
+    """A copy of nested dict ``tree`` with ``value`` at ``path`` (copying only that path)."""
+    if not path:
+        return value
+    return {**tree, path[0]: _replaced(tree[path[0]], path[1:], value)}
 
 
 def linen_train_step(
@@ -459,11 +521,12 @@ class NNXTrainStep:
     def __call__(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> dict:
         if self._bound is None or self._bound[0] != self._token(model, optimizer, self._bound[1]):
             _check_optimizer(model, optimizer, self._names(model))
-            modes = [
+            off = _disabled_adapters(model.unfreeze_enabled_adapters(False))
+            modes = [  # the flags of what runs: a disabled adapter's are never read
                 (node, attr)
-                for _, node in nnx.iter_graph(model)
+                for path, node in nnx.iter_graph(model)
                 for attr in _MODE_ATTRS
-                if isinstance(node, nnx.Module) and attr in vars(node)
+                if isinstance(node, nnx.Module) and attr in vars(node) and not off(path, node)
             ]
             pure, live = self._pure(model, optimizer)
             self._bound = (self._token(model, optimizer, modes), modes, pure, live)
@@ -500,7 +563,7 @@ def _disabled_adapters(enabled: Any) -> Callable[[tuple, Any], bool]:
         if NNX_ADAPTER_ATTR not in path:
             return False
         end = path.index(NNX_ADAPTER_ATTR) + 2
-        return len(path) > end and tuple(path[:end]) not in on
+        return len(path) >= end and tuple(path[:end]) not in on
 
     return selects
 
