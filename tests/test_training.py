@@ -156,6 +156,30 @@ def test_linen_step_trains_only_enabled_adapters(small):
         assert not np.array_equal(p, q)  # adam moves every leaf with a non-zero gradient
 
 
+def test_linen_step_passes_no_disabled_adapter_weights(small):
+    """A disabled adapter's weights skip the compiled step: they come back as the very
+    arrays given, the compiled step has the inputs of the model without them, and the
+    enabled adapter's step is the same as in that model."""
+    adapted, variables, _ = small
+    base, adapters = jadapters.split_variables(variables)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5)), jnp.float32)
+    batch, key = (x, jnp.asarray([0, 1, 2, 0])), jax.random.key(0)
+    step = jadapters.linen_train_step(adapted, _linen_loss, optax.adam(0.1), donate=False)
+    new, _, metrics = step(adapters, step.init(adapters), base, batch, key)
+    disabled = jax.tree.leaves(adapters["layers_0"]["b"])
+    assert all(a is b for a, b in zip(jax.tree.leaves(new["layers_0"]["b"]), disabled, strict=True))
+    only_a = {"layers_0": {"a": adapters["layers_0"]["a"]}}
+    alone = jadapters.linen_train_step(adapted, _linen_loss, optax.adam(0.1), donate=False)
+    new_alone, _, metrics_alone = alone(only_a, alone.init(only_a), base, batch, key)
+    assert_trees_equal(new["layers_0"]["a"], new_alone["layers_0"]["a"])
+    assert float(metrics["loss"]) == float(metrics_alone["loss"])
+    n_args = [
+        len(jax.tree.leaves(s.compiled.lower(t, s.init(t), base, batch, key).args_info))
+        for s, t in ((step, step._park(adapters)[0]), (alone, only_a))
+    ]
+    assert n_args[0] == n_args[1]
+
+
 def _get(tree, keys):
     for k in keys:
         tree = tree[k]
