@@ -524,7 +524,7 @@ def test_nnx_step_follows_a_new_optimizer_that_reuses_an_old_ones_id(nnx_model, 
     model = _fresh(nnx_model)
     step = jadapters.nnx_train_step(_nnx_loss)
     batch = (data[0][:16], data[1][:16])
-    for _ in range(8):  # CPython often hands a new object the id of one just freed
+    for _ in range(4):  # CPython often hands a new object the id of one just freed
         optimizer = jadapters.adapter_optimizer(model, NNX_TX)
         step(model, optimizer, batch)
         assert int(optimizer.step[...]) == 1  # its own state moved, no one else's
