@@ -1062,8 +1062,8 @@ def table(results: dict) -> str:
         f"Inline-adapter benchmark (d_model={a['d_model']}, layers={a['layers']}, heads={HEADS}, "
         f"seq={a['seq']}, batch={a['batch']}, LinearAdapter({a['adapter_dim']}) after every "
         f"block MLP; {a['rounds']} rounds of {a['steps']} timed calls per variant, "
-        f"{a['compile_repeats']} compile repeats; small models {a['small_steps']} calls per "
-        f"round); {results['machine']}",
+        f"{a['compile_repeats']} compile repeats, each the fastest of 3 compiles; small models "
+        f"{a['small_steps']} calls per round); {results['machine']}",
     ]
     names = {"linen": "Linen", "nnx": "NNX"}
     for fw in ("linen", "nnx"):
