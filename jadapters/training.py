@@ -417,10 +417,10 @@ class NNXTrainStep:
     input only, never an output: the compiled step neither copies it nor holds a second one
     in memory. Disabled adapters are not even inputs (they run nowhere), so the per-call cost
     does not grow with the adapters added and left disabled, nor with the graph's Python
-    objects. The split is redone when the adapters
-    change (add, remove, enable, disable) or a mode flag changes (``model.train()``/``eval()``,
-    BatchNorm's ``use_running_average``). After changing the model's structure in any other
-    way (replacing a submodule), call :meth:`reset`.
+    objects. The split is redone when the adapters change (add, remove, enable, disable) or a
+    mode flag changes (``model.train()``/``eval()``, BatchNorm's ``use_running_average``).
+    After changing the model's structure in any other way (replacing a submodule), call
+    :meth:`reset`.
 
     The optimizer must be one built for exactly the enabled adapters (same names, same weight
     shapes): its state belongs to them. Otherwise the step raises ``ValueError`` before
