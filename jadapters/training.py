@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 from jadapters._checks import show
+from jadapters._trees import path_keys, set_in, subtree
 from jadapters.losses import AUX_LOSS_COLLECTION, AdapterLoss, total_auxiliary_loss
 from jadapters.storage import ADAPTER_COLLECTION, NNX_ADAPTER_ATTR
 from jadapters.view import TRAINABLE, view_of
@@ -173,55 +174,40 @@ class LinenTrainStep:
         return _unpark(active, parked), opt_state, metrics
 
 
-def _disabled_hosts(adapted: Any, adapters: Any) -> dict[tuple[str, ...], frozenset[str]]:
+def _disabled_hosts(adapted: Any, adapters: Any) -> dict[str, frozenset[str]]:
     """``{host path: names}`` of the disabled adapters' weights in a Linen adapter tree."""
     off = [spec for spec in adapted.adapters.specs if not spec.enabled]
     if not off:
         return {}
     view = view_of(adapted, {"params": {}, ADAPTER_COLLECTION: adapters})
-    hosts: dict[tuple[str, ...], list[str]] = {}
+    hosts: dict[str, list[str]] = {}
     for spec in off:
         try:
             (weights,) = view.weights([spec])
         except ValueError:  # no weights yet: nothing to set aside
             continue
         for host in weights.hosts:
-            hosts.setdefault(tuple(host.split("/")), []).append(spec.name)
+            hosts.setdefault(host, []).append(spec.name)
     return {host: frozenset(names) for host, names in hosts.items()}
 
 
-def _park(tree: Any, plan: dict) -> tuple[Any, list]:
+def _park(tree: Any, plan: dict[str, frozenset[str]]) -> tuple[Any, list]:
     """``tree`` without the weights ``plan`` names, and what was taken out (to put back)."""
     parked = []
     for host, names in plan.items():
-        node = tree
-        for key in host:
-            if not isinstance(node, Mapping) or key not in node:
-                break
-            node = node[key]
-        else:
-            if isinstance(node, Mapping):
-                kept = {k: v for k, v in node.items() if k not in names}
-                if len(kept) < len(node):
-                    parked.append((host, {k: v for k, v in node.items() if k in names}))
-                    tree = _replaced(tree, host, kept)
+        node = subtree(tree, host)
+        if isinstance(node, Mapping):
+            kept = {k: v for k, v in node.items() if k not in names}
+            if len(kept) < len(node):
+                parked.append((host, {k: v for k, v in node.items() if k in names}))
+                tree = set_in(tree, path_keys(host), kept)
     return tree, parked
 
 
 def _unpark(tree: Any, parked: list) -> Any:
     for host, weights in parked:
-        node = tree
-        for key in host:
-            node = node[key]
-        tree = _replaced(tree, host, {**node, **weights})
+        tree = set_in(tree, path_keys(host), {**subtree(tree, host), **weights})
     return tree
-
-
-def _replaced(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
-    """A copy of nested dict ``tree`` with ``value`` at ``path`` (copying only that path)."""
-    if not path:
-        return value
-    return {**tree, path[0]: _replaced(tree[path[0]], path[1:], value)}
 
 
 def linen_train_step(
@@ -466,14 +452,18 @@ class NNXTrainStep:
         # enabled or disabled (O(1)).
         return (weakref.ref(model), weakref.ref(optimizer), model._adapter_revision(), flags)
 
-    def _pure(self, model: Any, optimizer: Any) -> tuple[Callable[..., Any], list]:
+    def _pure(self, model: Any, optimizer: Any, disabled: Any) -> tuple[Callable[..., Any], list]:
         """The compiled pure step for this structure and the live variables it reads:
-        ``[base, rest, optimizer state]``, each a list in the pure step's order."""
-        disabled = _disabled_adapters(model.unfreeze_enabled_adapters(False))
+        ``[base, rest, optimizer state]``, each a list in the pure step's order. ``disabled``
+        selects the disabled adapters' variables (:func:`_disabled_adapters`)."""
         graphdef, base, off, rest = nnx.split(model, nnx.Param, disabled, ...)
         opt_graphdef, opt = nnx.split(optimizer)
         parts = [(model, base), (model, rest), (optimizer, opt), (model, off)]
-        live = [_live_variables(node, state) for node, state in parts[:3]]
+        by_path = {id(node): _variables_by_path(node) for node in (model, optimizer)}
+        live = [
+            [by_path[id(node)][path] for path, _ in nnx.to_flat_state(state)]
+            for node, state in parts[:3]
+        ]
         key = (graphdef, opt_graphdef, tuple(p for p, _ in nnx.to_flat_state(off)))
         if key not in self._compiled:
             templates = [  # paths and variable types only: no arrays are kept alive
@@ -528,7 +518,7 @@ class NNXTrainStep:
                 for attr in _MODE_ATTRS
                 if isinstance(node, nnx.Module) and attr in vars(node) and not off(path, node)
             ]
-            pure, live = self._pure(model, optimizer)
+            pure, live = self._pure(model, optimizer, off)
             self._bound = (self._token(model, optimizer, modes), modes, pure, live)
         _, _, pure, (base, rest, opt) = self._bound
         new_rest, new_opt, metrics = pure(
@@ -549,7 +539,9 @@ class NNXTrainStep:
     def lower(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
         """``jax.stages.Lowered`` of the step, for inspecting or timing compilation."""
         _check_optimizer(model, optimizer, self._names(model))
-        pure, live = self._pure(model, optimizer)
+        pure, live = self._pure(
+            model, optimizer, _disabled_adapters(model.unfreeze_enabled_adapters(False))
+        )
         return pure.lower(*([v.get_raw_value() for v in part] for part in live), batch)
 
 
@@ -572,11 +564,9 @@ def _abstract(x: Any) -> Any:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x
 
 
-def _live_variables(node: Any, state: Any) -> list:
-    """The live ``nnx.Variable`` objects of ``node`` behind ``state`` (a split of it), in the
-    order of ``nnx.to_flat_state(state)``."""
-    by_path = {path: v for path, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)}
-    return [by_path[path] for path, _ in nnx.to_flat_state(state)]
+def _variables_by_path(node: Any) -> dict[tuple, Any]:
+    """The live ``nnx.Variable`` objects of ``node`` by their path (the paths of its splits)."""
+    return {path: v for path, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)}
 
 
 def _selected(model: Any, wrt: Any) -> dict:

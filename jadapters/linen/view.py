@@ -19,6 +19,7 @@ import flax.core
 import jax
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
+from jadapters._trees import drop_in, path_keys, set_in, subtree
 from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, stack_size, unbox
 from jadapters.registry import build_adapter
 from jadapters.storage import ADAPTER_COLLECTION
@@ -105,7 +106,7 @@ def ambiguous_position(
     >>> ambiguous_position("b_0/mlp", AdapterSet((spec,)), [("g", (Target(pattern="b_0/mlp"),))])
     """
     is_site = site_rule(specs, groups)
-    keys = host.split("/") if host else []
+    keys = path_keys(host)
     for i, name in enumerate(keys):
         prefix = path_str(keys[:i])
         if is_site(name, prefix):
@@ -139,40 +140,8 @@ def _rebox(old: Any, new: Any) -> Any:
     return jax.tree.unflatten(treedef, boxed)
 
 
-def _subtree(tree: Any, path: str) -> Any:
-    node = tree
-    for key in path.split("/") if path else ():
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def _set_in(tree: Mapping, keys: Sequence[str], value: Any) -> dict:
-    """A copy of ``tree`` with ``value`` at ``keys``; only the dicts on the path are copied."""
-    out = dict(tree)
-    if len(keys) == 1:
-        out[keys[0]] = value
-        return out
-    child = out.get(keys[0], {})
-    out[keys[0]] = _set_in(child if isinstance(child, Mapping) else {}, keys[1:], value)
-    return out
-
-
-def _drop_in(tree: Mapping, keys: Sequence[str]) -> dict:
-    out = dict(tree)
-    if len(keys) == 1:
-        out.pop(keys[0], None)
-        return out
-    if isinstance(out.get(keys[0]), Mapping):
-        out[keys[0]] = _drop_in(out[keys[0]], keys[1:])
-        if not out[keys[0]]:
-            del out[keys[0]]
-    return out
-
-
 def _keys(host: str, name: str) -> list[str]:
-    return (host.split("/") if host else []) + [name]
+    return [*path_keys(host), name]
 
 
 class LinenView:
@@ -243,7 +212,7 @@ class LinenView:
         return layer_gate(rules, path, size) or (True,) * size
 
     def host_base(self, path: str) -> Any:
-        return unbox(_plain(_subtree(self.variables["params"], path))) or {}
+        return unbox(_plain(subtree(self.variables["params"], path))) or {}
 
     def base_params(self) -> Any:
         return self.variables["params"]
@@ -256,10 +225,9 @@ class LinenView:
     def replace_base(self, hosts: Mapping[str, Mapping[str, Any]]) -> dict:
         params = _plain(dict(self.variables["params"]))
         for path, new in hosts.items():
-            keys = path.split("/")
-            old = _subtree(params, path)
+            old = subtree(params, path)
             new = {k: _rebox(old.get(k), v) for k, v in new.items()}
-            params = _set_in(params, keys, {**old, **new})
+            params = set_in(params, path_keys(path), {**old, **new})
         return params
 
     def labels(self) -> dict:
@@ -318,7 +286,7 @@ class LinenView:
         """Loaded ``params`` of an adapter new to these variables, boxed as ``init`` would box
         them: with axis names derived from the host's kernel when it is boxed with names (a
         Dense-like ``[in, out]`` kernel); as they are otherwise."""
-        kernel = _subtree(_plain(self.variables).get("params", {}), f"{host}/kernel")
+        kernel = subtree(_plain(self.variables).get("params", {}), f"{host}/kernel")
         names = getattr(kernel, "names", None)
         if not is_box(kernel) or names is None or len(names) != 2:
             return params
@@ -338,9 +306,9 @@ class LinenView:
             existing = model.adapters.get(spec.name)
             boxes: dict[str, Any] = {}
             if existing is not None:
-                boxes = {h: _subtree(adapters, f"{h}/{spec.name}") for h in item.hosts}
+                boxes = {h: subtree(adapters, f"{h}/{spec.name}") for h in item.hosts}
                 for host in self._found(adapters, [existing])[existing.name]:
-                    adapters = _drop_in(adapters, _keys(host, existing.name))
+                    adapters = drop_in(adapters, _keys(host, existing.name))
                 # Validate through the public API, then keep the old chain position.
                 trial = model.remove_adapter(existing.name).add_adapter(
                     spec.qualified_name, spec.cfg, insertion=spec.insertion
@@ -358,5 +326,5 @@ class LinenView:
                     if old is not None
                     else self._boxed(model, spec, host, params)
                 )
-                adapters = _set_in(adapters, _keys(host, spec.name), params)
+                adapters = set_in(adapters, _keys(host, spec.name), params)
         return model, {**variables, ADAPTER_COLLECTION: adapters}
