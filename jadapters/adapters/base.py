@@ -115,6 +115,13 @@ def adapter_forward(
     scope; any other module (a registered third-party type) through ``apply``, with ``key`` as
     its ``'dropout'`` stream. ``kwargs`` (``out_features``) go to ``apply`` only: given its
     weights, an adapter's widths are theirs.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jadapters.adapters.lora import LoRA
+    >>> lora, x = LoRA(2), jnp.ones((1, 4))
+    >>> params = lora.init(jax.random.key(0), x, out_features=3)["params"]
+    >>> adapter_forward(lora, params, x, out_features=3).shape  # LoRA.forward, no Flax scope
+    (1, 3)
     """
     forward = getattr(module, "forward", None)
     if forward is not None:

@@ -65,6 +65,14 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str) -> jax.
     Raises:
       ValueError: for ``key=None`` (the message names adapter ``name`` and the missing
         ``'dropout'`` stream).
+
+    >>> import jax, jax.numpy as jnp
+    >>> y = dropout(jnp.ones(1000), 0.5, jax.random.key(0), "A")
+    >>> sorted({float(v) for v in y}), 400 < int((y == 0).sum()) < 600  # kept ones doubled
+    ([0.0, 2.0], True)
+    >>> dropout(jnp.ones(3), 0.5, None, "MyAdapter")
+    Traceback (most recent call last):
+    ValueError: MyAdapter has dropout=0.5 and needs a PRNG key in training, got key=None. ...
     """
     if key is None:
         raise ValueError(
@@ -95,6 +103,15 @@ def declare(name: str, **specs: tuple[Initializer, tuple[int, ...], Any]) -> dic
     They get the paths, and at init the values, that a Flax layer named ``name`` creating the
     same parameters in the same order gets (``declare("down", kernel=(init, shape, dtype))`` is
     ``nn.Dense(..., name="down")``'s kernel).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> class Scale(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         w = declare("scale", s=(nn.initializers.ones, (x.shape[-1],), jnp.float32))
+    ...         return x * w["s"]
+    >>> jax.tree.map(jnp.shape, Scale().init(jax.random.key(0), jnp.ones((2, 3))))
+    {'params': {'scale': {'s': (3,)}}}
     """
     items = tuple((n, init, tuple(shape), dtype) for n, (init, shape, dtype) in specs.items())
     return _Weights(items, name=name)()
