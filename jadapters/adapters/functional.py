@@ -110,7 +110,7 @@ def declare(name: str, **specs: tuple[Initializer, tuple[int, ...], Any]) -> dic
     ...     def __call__(self, x):
     ...         w = declare("scale", s=(nn.initializers.ones, (x.shape[-1],), jnp.float32))
     ...         return x * w["s"]
-    >>> jax.tree.map(jnp.shape, Scale().init(jax.random.key(0), jnp.ones((2, 3))))
+    >>> jax.tree.map(jnp.shape, Scale().init(jax.random.key(0), jnp.ones(3)))
     {'params': {'scale': {'s': (3,)}}}
     """
     items = tuple((n, init, tuple(shape), dtype) for n, (init, shape, dtype) in specs.items())
