@@ -23,7 +23,8 @@ Measured, for Linen and for NNX (``--framework``), each comparison timed interle
 4. jadapters adapter step vs a full fine-tuning step, Adam over every base parameter (<= 0.65);
 5. disabled adapters: on a small model (d=64, 2 layers, T=16, B=4) with 50 adapters added and
    one enabled, the cached jitted forward call vs the same model with only that adapter added,
-   called the way a user would (Linen ``jax.jit(adapted.apply)`` on all the variables; NNX
+   through jadapters' compiled forwards (``linen_forward``, ``nnx_forward``) and called the way
+   a user would write it (Linen ``jax.jit(adapted.apply)`` on all the variables; NNX
    ``nnx.jit`` on the model and ``jax.jit`` over ``nnx.merge`` of the split state) (<= 1.10);
 6. step economy at (d=64, 2 layers) and (d=256, 4 layers), T=32, B=8: jadapters adapter step
    vs a full fine-tuning step written the functional way, NNX and Linen (info).
@@ -924,8 +925,15 @@ def bench_disabled_linen(args) -> dict:
     f_many = jax.jit(lambda v, x: many.apply(v, x))
     f_one = jax.jit(lambda v, x: one.apply(v, x))
     np.testing.assert_allclose(f_many(many_vars, x), f_one(one_vars, x), rtol=RTOL, atol=ATOL)
+    ours_many, ours_one = jadapters.linen_forward(many), jadapters.linen_forward(one)
+    np.testing.assert_array_equal(ours_many(many_vars, x), f_one(one_vars, x))
     rounds = time_rounds(
-        {"many": _blocking(f_many, many_vars, x), "one": _blocking(f_one, one_vars, x)},
+        {
+            "many": _blocking(f_many, many_vars, x),
+            "one": _blocking(f_one, one_vars, x),
+            "ours many": _blocking(ours_many, many_vars, x),
+            "ours one": _blocking(ours_one, one_vars, x),
+        },
         rounds=args.rounds,
         warmup=args.warmup,
         steps=args.small_steps,
@@ -944,6 +952,20 @@ def bench_disabled_linen(args) -> dict:
     return {
         "comparisons": [
             compare(f"Linen jax.jit(apply): {what}", rounds, "many", "one", TARGETS["disabled"]),
+            compare(
+                f"Linen jadapters.linen_forward: {what}",
+                rounds,
+                "ours many",
+                "ours one",
+                TARGETS["disabled"],
+            ),
+            compare(
+                "Linen jadapters.linen_forward / jax.jit(apply), 1 added",
+                rounds,
+                "ours one",
+                "one",
+                None,
+            ),
             compare(
                 f"Linen linen_train_step: {what}", step_rounds, "many", "one", TARGETS["disabled"]
             ),
@@ -988,7 +1010,9 @@ def bench_disabled_nnx(args) -> dict:
         fns[f"nnx.jit {label}"] = _blocking(jitted, model, x)
         fn, state = _pure_forward(model)
         fns[f"split {label}"] = _blocking(jax.jit(fn), state, x)
+        fns[f"ours {label}"] = _blocking(jadapters.nnx_forward(), model, x)
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(many, x), one(x), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(jadapters.nnx_forward()(many, x), one(x), rtol=RTOL, atol=ATOL)
     rounds = time_rounds(fns, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps)
     adam = optax.adam(1e-4)
     y = jnp.zeros((size.batch,), jnp.int32)
@@ -1000,6 +1024,14 @@ def bench_disabled_nnx(args) -> dict:
     return {
         "comparisons": [
             compare(f"NNX nnx_train_step: {what}", step_rounds, "many", "one", target),
+            compare(f"NNX jadapters.nnx_forward: {what}", rounds, "ours many", "ours one", target),
+            compare(
+                "NNX jadapters.nnx_forward / jax.jit(nnx.merge(...)(x)), 1 added",
+                rounds,
+                "ours one",
+                "split one",
+                None,
+            ),
             compare(f"NNX nnx.jit(m(x)): {what}", rounds, "nnx.jit many", "nnx.jit one", target),
             compare(
                 f"NNX jax.jit(nnx.merge(graphdef, state)(x)): {what}",

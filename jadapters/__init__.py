@@ -29,6 +29,8 @@ from jadapters.checkpoint import adapter_metadata as adapter_metadata
 from jadapters.checkpoint import load_adapters as load_adapters
 from jadapters.checkpoint import read_adapter_metadata as read_adapter_metadata
 from jadapters.checkpoint import save_adapters as save_adapters
+from jadapters.compiled import linen_forward as linen_forward
+from jadapters.compiled import nnx_forward as nnx_forward
 from jadapters.composition import Average as Average
 from jadapters.composition import BatchSplit as BatchSplit
 from jadapters.composition import Fuse as Fuse
@@ -120,6 +122,8 @@ __all__ = [
     "adapter_transform",
     "freeze_base",
     "linen_train_step",
+    "linen_forward",
+    "nnx_forward",
     "merge_variables",
     "nnx_train_step",
     "param_labels",

@@ -23,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,9 +32,9 @@ import optax
 from flax import nnx
 
 from jadapters._checks import show
-from jadapters._trees import path_keys, set_in, subtree
+from jadapters.compiled import DisabledWeights, SplitOnce
 from jadapters.losses import AUX_LOSS_COLLECTION, AdapterLoss, total_auxiliary_loss
-from jadapters.storage import ADAPTER_COLLECTION, NNX_ADAPTER_ATTR
+from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.view import TRAINABLE, view_of
 
 
@@ -152,8 +151,11 @@ class LinenTrainStep:
     compiled: Callable[..., Any]
     # The adapters that train (their bare names); None: every enabled adapter.
     trainable: tuple[str, ...] | None = None
-    # {host path: names of its disabled adapters}, read from the first tree the step is given
-    _disabled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # sets the disabled adapters' weights aside (which ones: read from the first tree given)
+    _disabled: DisabledWeights | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_disabled", DisabledWeights(self.adapted))
 
     def init(self, adapter_params: Any) -> Any:
         """Optimizer state for the trainable adapters' weights only."""
@@ -162,52 +164,14 @@ class LinenTrainStep:
         return self.tx.init(trainable)
 
     def _park(self, adapter_params: Any) -> tuple[Any, list]:
-        if "plan" not in self._disabled:
-            self._disabled["plan"] = _disabled_hosts(self.adapted, adapter_params)
-        return _park(adapter_params, self._disabled["plan"])
+        return self._disabled.park(adapter_params)
 
     def __call__(self, adapter_params, opt_state, base_variables, batch, key):
         # A disabled adapter runs nowhere: its weights skip the compiled step (they are no
         # arguments, so their number costs nothing per call) and come back as they were.
         active, parked = self._park(adapter_params)
         active, opt_state, metrics = self.compiled(active, opt_state, base_variables, batch, key)
-        return _unpark(active, parked), opt_state, metrics
-
-
-def _disabled_hosts(adapted: Any, adapters: Any) -> dict[str, frozenset[str]]:
-    """``{host path: names}`` of the disabled adapters' weights in a Linen adapter tree."""
-    off = [spec for spec in adapted.adapters.specs if not spec.enabled]
-    if not off:
-        return {}
-    view = view_of(adapted, {"params": {}, ADAPTER_COLLECTION: adapters})
-    hosts: dict[str, list[str]] = {}
-    for spec in off:
-        try:
-            (weights,) = view.weights([spec])
-        except ValueError:  # no weights yet: nothing to set aside
-            continue
-        for host in weights.hosts:
-            hosts.setdefault(host, []).append(spec.name)
-    return {host: frozenset(names) for host, names in hosts.items()}
-
-
-def _park(tree: Any, plan: dict[str, frozenset[str]]) -> tuple[Any, list]:
-    """``tree`` without the weights ``plan`` names, and what was taken out (to put back)."""
-    parked = []
-    for host, names in plan.items():
-        node = subtree(tree, host)
-        if isinstance(node, Mapping):
-            kept = {k: v for k, v in node.items() if k not in names}
-            if len(kept) < len(node):
-                parked.append((host, {k: v for k, v in node.items() if k in names}))
-                tree = set_in(tree, path_keys(host), kept)
-    return tree, parked
-
-
-def _unpark(tree: Any, parked: list) -> Any:
-    for host, weights in parked:
-        tree = set_in(tree, path_keys(host), {**subtree(tree, host), **weights})
-    return tree
+        return self._disabled.unpark(active, parked), opt_state, metrics
 
 
 def linen_train_step(
@@ -387,9 +351,6 @@ def adapter_optimizer(
     return nnx.Optimizer(model, _keyed(tx), wrt=_only(model.unfreeze_enabled_adapters(), names))
 
 
-_MODE_ATTRS = ("deterministic", "use_running_average", "train", "training")
-
-
 class NNXTrainStep:
     """A compiled adapter-only training step for an adapted NNX model; see
     :func:`nnx_train_step`.
@@ -406,7 +367,8 @@ class NNXTrainStep:
     objects. The split is redone when the adapters change (add, remove, enable, disable) or a
     mode flag changes (``model.train()``/``eval()``, BatchNorm's ``use_running_average``).
     After changing the model's structure in any other way (replacing a submodule), call
-    :meth:`reset`.
+    :meth:`reset`. (The machinery is :class:`jadapters.compiled.SplitOnce`, which
+    :func:`jadapters.nnx_forward` shares.)
 
     The optimizer must be one built for exactly the enabled adapters (same names, same weight
     shapes): its state belongs to them. Otherwise the step raises ``ValueError`` before
@@ -423,11 +385,17 @@ class NNXTrainStep:
         self.loss_fn = loss_fn
         self.trainable = trainable
         self.donate = donate
-        self._compiled: dict[Any, Callable[..., Any]] = {}  # one pure step per graph structure
-        self._bound: tuple | None = None
+        self._split = SplitOnce(
+            self._step,
+            what="training step",
+            donate_others=donate,
+            validate=lambda model, others: _check_optimizer(model, *others, self._names(model)),
+        )
 
-    def _step(self, model: Any, optimizer: Any, batch: Any) -> dict:
+    def _step(self, model: Any, others: tuple, batch: Any, static: tuple) -> dict:
         """The step on live objects (traced inside the pure function)."""
+        del static
+        (optimizer,) = others
         enabled = model.unfreeze_enabled_adapters(freeze_batchnorm=False)
         trainable = _only(enabled, self._names(model))
 
@@ -445,128 +413,16 @@ class NNXTrainStep:
         """The bare names of the adapters that train (``None``: every enabled one)."""
         return _trainable_names(_nnx_specs(model, self.trainable), self.trainable)
 
-    def _token(self, model: Any, optimizer: Any, modes: list) -> tuple:
-        flags = tuple(getattr(m, a) for m, a in modes)
-        # The objects themselves, weakly: an id alone can be reused by a new optimizer once
-        # the old one is gone. The revision changes whenever any adapter is added, removed,
-        # enabled or disabled (O(1)).
-        return (weakref.ref(model), weakref.ref(optimizer), model._adapter_revision(), flags)
-
-    def _pure(self, model: Any, optimizer: Any, disabled: Any) -> tuple[Callable[..., Any], list]:
-        """The compiled pure step for this structure and the live variables it reads:
-        ``[base, rest, optimizer state]``, each a list in the pure step's order. ``disabled``
-        selects the disabled adapters' variables (:func:`_disabled_adapters`)."""
-        graphdef, base, off, rest = nnx.split(model, nnx.Param, disabled, ...)
-        opt_graphdef, opt = nnx.split(optimizer)
-        parts = [(model, base), (model, rest), (optimizer, opt), (model, off)]
-        by_path = {id(node): _variables_by_path(node) for node in (model, optimizer)}
-        live = [
-            [by_path[id(node)][path] for path, _ in nnx.to_flat_state(state)]
-            for node, state in parts[:3]
-        ]
-        key = (graphdef, opt_graphdef, tuple(p for p, _ in nnx.to_flat_state(off)))
-        if key not in self._compiled:
-            templates = [  # paths and variable types only: no arrays are kept alive
-                [(p, v.copy(jax.tree.map(_abstract, v.get_raw_value()))) for p, v in flat]
-                for flat in (nnx.to_flat_state(state) for _, state in parts)
-            ]
-            self._compiled[key] = self._compile(graphdef, opt_graphdef, disabled, templates)
-        return self._compiled[key], live
-
-    def _compile(
-        self, graphdef: Any, opt_graphdef: Any, disabled: Any, templates: list
-    ) -> Callable[..., Any]:
-        def state(template: list, arrays: list) -> Any:
-            pairs = zip(template, arrays, strict=True)
-            return nnx.from_flat_state([(p, v.copy(a)) for (p, v), a in pairs])
-
-        def leaves(template: list, now: Any, what: str) -> list:
-            flat = list(nnx.to_flat_state(now))
-            if [p for p, _ in flat] != [p for p, _ in template]:
-                raise ValueError(
-                    f"the training step changed the {what}'s structure (variables added or "
-                    "removed); a loss function must leave the model as it found it (pop what "
-                    "it sows)."
-                )
-            return [v.get_raw_value() for _, v in flat]
-
-        def pure(base: list, rest: list, opt: list, batch: Any):
-            # A disabled adapter runs nowhere, so its weights are no arguments at all: in the
-            # trace they are their shapes (the template's values), and they cost no call time.
-            off = nnx.from_flat_state([(p, v.copy()) for p, v in templates[3]])
-            model = nnx.merge(graphdef, state(templates[0], base), off, state(templates[1], rest))
-            optimizer = nnx.merge(opt_graphdef, state(templates[2], opt))
-            metrics = self._step(model, optimizer, batch)
-            *_, new_rest = nnx.split(model, nnx.Param, disabled, ...)
-            return (
-                leaves(templates[1], new_rest, "model"),
-                leaves(templates[2], nnx.state(optimizer), "optimizer"),
-                metrics,
-            )
-
-        # Only the optimizer's state is donated: the model's arrays may be held elsewhere
-        # too (an unmerge snapshot, a clone).
-        return jax.jit(pure, donate_argnums=(2,) if self.donate else ())
-
     def __call__(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> dict:
-        if self._bound is None or self._bound[0] != self._token(model, optimizer, self._bound[1]):
-            _check_optimizer(model, optimizer, self._names(model))
-            off = _disabled_adapters(model.unfreeze_enabled_adapters(False))
-            modes = [  # the flags of what runs: a disabled adapter's are never read
-                (node, attr)
-                for path, node in nnx.iter_graph(model)
-                for attr in _MODE_ATTRS
-                if isinstance(node, nnx.Module) and attr in vars(node) and not off(path, node)
-            ]
-            pure, live = self._pure(model, optimizer, off)
-            self._bound = (self._token(model, optimizer, modes), modes, pure, live)
-        _, _, pure, (base, rest, opt) = self._bound
-        new_rest, new_opt, metrics = pure(
-            [v.get_raw_value() for v in base],
-            [v.get_raw_value() for v in rest],
-            [v.get_raw_value() for v in opt],
-            batch,
-        )
-        for variables, arrays in ((rest, new_rest), (opt, new_opt)):
-            for v, a in zip(variables, arrays, strict=True):
-                v.set_raw_value(a)
-        return metrics
+        return self._split(model, (optimizer,), batch)
 
     def reset(self) -> None:
         """Forgets the cached split, so the next call reads the model's graph afresh."""
-        self._bound = None
+        self._split.reset()
 
     def lower(self, model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
         """``jax.stages.Lowered`` of the step, for inspecting or timing compilation."""
-        _check_optimizer(model, optimizer, self._names(model))
-        pure, live = self._pure(
-            model, optimizer, _disabled_adapters(model.unfreeze_enabled_adapters(False))
-        )
-        return pure.lower(*([v.get_raw_value() for v in part] for part in live), batch)
-
-
-def _disabled_adapters(enabled: Any) -> Callable[[tuple, Any], bool]:
-    """An NNX filter: every variable of an adapter that ``enabled`` (the enabled adapters'
-    filter) does not select, its weights and its own RNG streams alike."""
-    on = set(enabled.prefixes)
-
-    def selects(path: tuple, value: Any) -> bool:
-        del value
-        if NNX_ADAPTER_ATTR not in path:
-            return False
-        end = path.index(NNX_ADAPTER_ATTR) + 2
-        return len(path) >= end and tuple(path[:end]) not in on
-
-    return selects
-
-
-def _abstract(x: Any) -> Any:
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x
-
-
-def _variables_by_path(node: Any) -> dict[tuple, Any]:
-    """The live ``nnx.Variable`` objects of ``node`` by their path (the paths of its splits)."""
-    return {path: v for path, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)}
+        return self._split.lower(model, (optimizer,), batch)
 
 
 def _selected(model: Any, wrt: Any) -> dict:

@@ -338,6 +338,12 @@ class Adapted:
     # forward
     def __call__(self, x, method: str | None = None): ...
     def jit(self, x): ...
+    def compiled(self, x, **kwargs):
+        """The library's compiled forward (``linen_forward`` / ``nnx_forward``) on ``x``."""
+
+    def compiled_inputs(self, x) -> int:
+        """How many arrays the compiled forward takes (its lowered arguments)."""
+
     def forward_with_losses(self, x, *, train: bool, key=None) -> tuple[Any, dict[str, Any]]:
         """``(output, {"<host>/<name>": auxiliary loss})``, adapters in training or not."""
 
@@ -390,6 +396,7 @@ class LinenAdapted(Adapted):
         self.base, self.model, self.variables = base, model, variables
         self._init_call = init_call  # (args, kwargs) of ``init`` without the key
         self._jit: tuple | None = None
+        self._compiled: Any = None
 
     def __call__(self, x, method=None):
         if method is not None:
@@ -400,6 +407,17 @@ class LinenAdapted(Adapted):
         if self._jit is None or self._jit[0] is not self.model:
             self._jit = (self.model, jax.jit(self.model.apply))
         return self._jit[1](self.variables, x)
+
+    def _forward(self):
+        if self._compiled is None or self._compiled.adapted is not self.model:
+            self._compiled = jadapters.linen_forward(self.model)
+        return self._compiled
+
+    def compiled(self, x, **kwargs):
+        return self._forward()(self.variables, x, **kwargs)
+
+    def compiled_inputs(self, x):
+        return len(jax.tree.leaves(self._forward().lower(self.variables, x).args_info))
 
     def forward_with_losses(self, x, *, train: bool, key=None):
         out, state = self.model.apply(
@@ -413,7 +431,7 @@ class LinenAdapted(Adapted):
 
     def copy(self) -> LinenAdapted:
         new = copy.copy(self)
-        new._jit = None
+        new._jit = new._compiled = None
         return new
 
     def add(self, name, cfg, insertion=None):
@@ -517,6 +535,7 @@ class LinenAdapted(Adapted):
 
 
 _NNX_FORWARD = nnx.jit(lambda model, x: model(x))
+_NNX_COMPILED = jadapters.nnx_forward()  # one for every model: it follows each one's graph
 
 
 class NNXAdapted(Adapted):
@@ -528,6 +547,12 @@ class NNXAdapted(Adapted):
 
     def jit(self, x):
         return _NNX_FORWARD(self.model, x)
+
+    def compiled(self, x, **kwargs):
+        return _NNX_COMPILED(self.model, x, **kwargs)
+
+    def compiled_inputs(self, x):
+        return len(jax.tree.leaves(_NNX_COMPILED.lower(self.model, x).args_info))
 
     def forward_with_losses(self, x, *, train: bool, key=None):
         del key  # NNX adapters draw keys from their own streams

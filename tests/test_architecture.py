@@ -18,6 +18,7 @@ FRONT_END_FREE = (
     "jadapters.partition",
     "jadapters.optim",
     "jadapters.training",
+    "jadapters.compiled",
     "jadapters.merge",
     "jadapters.checkpoint",
     "jadapters.interop",

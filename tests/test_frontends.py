@@ -339,6 +339,35 @@ def test_disabled_adapters_leave_no_trace_in_the_computation(adapted, base, x):
     assert h.counts(x) == base_counts  # not a single extra operation
 
 
+# --- the compiled forwards (linen_forward, nnx_forward) -----------------------------------
+
+
+def test_compiled_forward_is_the_call_and_follows_enabling(noisy, x):
+    """The same compiled program as the model's own jitted call (so bitwise its output)."""
+    h = noisy.copy()
+    np.testing.assert_array_equal(h.compiled(x), h.jit(x))
+    h.set_enabled("a", enabled=False)  # NNX: a re-split; Linen: a new model, a new forward
+    np.testing.assert_array_equal(h.compiled(x), h.jit(x))
+    np.testing.assert_allclose(h.compiled(x), h(x), rtol=1e-5, atol=1e-6)
+    h.set_enabled("a")
+    np.testing.assert_array_equal(h.compiled(x), noisy.jit(x))
+
+
+def test_compiled_forward_takes_no_disabled_adapter_weights(fe, noisy, x):
+    """Adapters added and left disabled are no inputs of the compiled forward: it takes as
+    many arrays as the model without them and computes the same output, while the model's own
+    jitted call takes them all."""
+    many = noisy.copy()
+    for i in range(3):
+        many.add(f"attn:off{i}", LinearAdapterConfig(dim=DIM))
+        many.set_enabled(f"off{i}", enabled=False)
+    assert many.compiled_inputs(x) == noisy.compiled_inputs(x)
+    np.testing.assert_array_equal(many.compiled(x), noisy.jit(x))
+    weights_per_adapter = len(jax.tree.leaves(noisy.params_at(fe.path(ATTN_HOSTS[0]), "a")))
+    added = 3 * len(ATTN_HOSTS) * weights_per_adapter
+    assert len(jax.tree.leaves(many.adapters())) == len(jax.tree.leaves(noisy.adapters())) + added
+
+
 # --- the view, summaries, masks -------------------------------------------------------------
 
 

@@ -539,13 +539,13 @@ def test_nnx_step_reuses_its_split_and_follows_adapter_and_mode_changes(nnx_mode
     batch = (data[0][:16], data[1][:16])
     optimizer = jadapters.adapter_optimizer(model, NNX_TX)
     step(model, optimizer, batch)
-    bound = step._bound
+    bound = step._split._bound
     step(model, optimizer, batch)
-    assert step._bound is bound  # the graph was split once
+    assert step._split._bound is bound  # the graph was split once
     before = _copy(nnx.state(model, AdapterParam))
     model.eval()  # a mode flag changes the graph: the step must see it, not a stale split
     step(model, optimizer, batch)
-    assert step._bound is not bound
+    assert step._split._bound is not bound
     # In eval mode neither dropout nor stochastic depth draws keys: the RNG counts stay.
     counts = nnx.state(model, nnx.RngCount)
     step(model, optimizer, batch)
