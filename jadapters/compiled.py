@@ -251,6 +251,7 @@ class SplitOnce:
         self.validate = validate
         self._compiled: dict[Any, Callable[..., Any]] = {}  # per graph structure and statics
         self._bound: tuple | None = None
+        self._bound_split: tuple | None = None
 
     @staticmethod
     def _token(model: Any, others: tuple, modes: list) -> tuple:
@@ -293,7 +294,12 @@ class SplitOnce:
                 for attr in _MODE_ATTRS
                 if isinstance(node, nnx.Module) and attr in vars(node) and not off(path, node)
             ]
-            self._bound = (self._token(model, others, modes), modes, key, live, templates, off)
+            # the compiled functions of this split, by statics: looking one up in
+            # ``_compiled`` hashes the graph's structure, which costs per call what the split
+            # saves
+            functions: dict[tuple, Callable[..., Any]] = {}
+            self._bound = (self._token(model, others, modes), modes, live, functions)
+            self._bound_split = (key, templates, off)
         return self._bound[2:]
 
     def _function(self, key: Any, templates: list, off: Any, static: tuple) -> Callable:
@@ -340,8 +346,10 @@ class SplitOnce:
         return base, rest, others
 
     def __call__(self, model: Any, others: tuple, args: Any, static: tuple = ()) -> Any:
-        key, live, templates, off = self._bind(model, others)
-        function = self._function(key, templates, off, static)
+        live, functions = self._bind(model, others)
+        function = functions.get(static)
+        if function is None:
+            function = functions[static] = self._function(*self._bound_split, static)
         new_rest, new_others, out = function(*self._arrays(live), args)
         for variables, arrays in zip(live[1:], [new_rest, *new_others], strict=True):
             for v, a in zip(variables, arrays, strict=True):
@@ -357,7 +365,7 @@ class SplitOnce:
 
     def reset(self) -> None:
         """Forgets the cached split, so the next call reads the graphs afresh."""
-        self._bound = None
+        self._bound = self._bound_split = None
 
 
 class NNXForward:
