@@ -655,10 +655,12 @@ def check_linen(s: LinenSetup, layers: int) -> dict[str, float]:
     )
     ours_grad = _sgd_gradient(s.inline_adapters, per_layer_adapters(after, layers))
 
-    def inline_loss(a):
-        return cross_entropy(s.inline.apply(s.base, s.x, a), s.y)
+    def inline_loss(a, base, x, y):  # weights and data as arguments: nothing to constant-fold
+        return cross_entropy(s.inline.apply(base, x, a), y)
 
-    loss, inline_grad = jax.jit(jax.value_and_grad(inline_loss))(s.inline_adapters)
+    loss, inline_grad = jax.jit(jax.value_and_grad(inline_loss))(
+        s.inline_adapters, s.base, s.x, s.y
+    )
     np.testing.assert_allclose(float(loss), float(metrics["loss"]), rtol=RTOL, err_msg="loss")
     return {**checks, **_check_gradients(ours_grad, inline_grad)}
 
@@ -929,8 +931,8 @@ def bench_disabled_linen(args) -> dict:
     ours_many, ours_one = jadapters.linen_forward(many), jadapters.linen_forward(one)
     np.testing.assert_array_equal(ours_many(many_vars, x), f_one(one_vars, x))
     # Each pair is timed on its own: a sub-millisecond call slows down right after a call
-    # that walks hundreds of arrays in Python (most likely the caches it evicts), so a pair interleaved
-    # with another pair's calls measures its neighbours.
+    # that walks hundreds of arrays in Python (most likely the caches it evicts), so a pair
+    # interleaved with another pair's calls measures its neighbours.
     rounds = time_rounds(
         {"many": _blocking(f_many, many_vars, x), "one": _blocking(f_one, one_vars, x)},
         rounds=args.rounds,

@@ -311,11 +311,7 @@ class SplitOnce:
         def leaves(template: list, now: Any, whose: str) -> list:
             flat = list(nnx.to_flat_state(now))
             if [p for p, _ in flat] != [p for p, _ in template]:
-                raise ValueError(
-                    f"the {self.what} changed the {whose}'s structure (variables added or "
-                    "removed); a function run by it must leave the model as it found it (pop "
-                    "what it sows)."
-                )
+                raise ValueError(_changed(self.what, whose, template, flat))
             return [v.get_raw_value() for _, v in flat]
 
         def pure(base: list, rest: list, others: list, args: Any):
@@ -366,6 +362,25 @@ class SplitOnce:
     def reset(self) -> None:
         """Forgets the cached split, so the next call reads the graphs afresh."""
         self._bound = self._bound_split = None
+
+
+def _changed(what: str, whose: str, template: list, flat: list) -> str:
+    """The error for a call that added or removed variables: which ones, and the fix."""
+    before = {tuple(p) for p, _ in template}
+    added = [(p, type(v).__name__) for p, v in flat if tuple(p) not in before]
+    after = {tuple(p) for p, _ in flat}
+    removed = [p for p, _ in template if tuple(p) not in after]
+    shown = "; ".join(
+        [f"added {'/'.join(map(str, p))} ({kind})" for p, kind in added[:3]]
+        + [f"removed {'/'.join(map(str, p))}" for p in removed[:3]]
+    )
+    more = len(added) + len(removed) - min(len(added), 3) - min(len(removed), 3)
+    return (
+        f"the {what} changed the {whose}'s structure: {shown}{f' and {more} more' if more else ''}"
+        ". A function run by it must leave the model as it found it: pop what it sows (in "
+        "training mode, adapters with an l2 strategy sow their auxiliary loss: "
+        "nnx.pop(model, jadapters.AdapterLoss)), or call model.eval() to serve."
+    )
 
 
 class NNXForward:
