@@ -898,6 +898,11 @@ def _disabled_size(args) -> Size:
     return Size(64, 2, 16, 4, args.disabled_dim)
 
 
+def _small_rounds(args, fns: dict) -> list[dict[str, float]]:
+    """:func:`time_rounds` at the small models' number of calls per round."""
+    return time_rounds(fns, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps)
+
+
 def _adapter_names(count: int) -> list[str]:
     return [f"task{i}" for i in range(count)]
 
@@ -933,21 +938,16 @@ def bench_disabled_linen(args) -> dict:
     # Each pair is timed on its own: a sub-millisecond call slows down right after a call
     # that walks hundreds of arrays in Python (most likely the caches it evicts), so a pair
     # interleaved with another pair's calls measures its neighbours.
-    rounds = time_rounds(
-        {"many": _blocking(f_many, many_vars, x), "one": _blocking(f_one, one_vars, x)},
-        rounds=args.rounds,
-        warmup=args.warmup,
-        steps=args.small_steps,
+    rounds = _small_rounds(
+        args, {"many": _blocking(f_many, many_vars, x), "one": _blocking(f_one, one_vars, x)}
     )
-    ours_rounds = time_rounds(
+    ours_rounds = _small_rounds(
+        args,
         {
             "ours many": _blocking(ours_many, many_vars, x),
             "ours one": _blocking(ours_one, one_vars, x),
             "one": _blocking(f_one, one_vars, x),
         },
-        rounds=args.rounds,
-        warmup=args.warmup,
-        steps=args.small_steps,
     )
     adam = optax.adam(1e-4)
     y = jnp.zeros((size.batch,), jnp.int32)
@@ -956,9 +956,7 @@ def bench_disabled_linen(args) -> dict:
         step = jadapters.linen_train_step(adapted, _loss_fn, adam)
         ours = copy_tree(adapters)
         steppers[label] = Stepper(step, (ours, step.init(ours)), (base, (x, y), jax.random.key(1)))
-    step_rounds = time_rounds(
-        steppers, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps
-    )
+    step_rounds = _small_rounds(args, steppers)
     what = f"{len(names)} added, 1 enabled / 1 added"
     return {
         "comparisons": [
@@ -1028,15 +1026,14 @@ def bench_disabled_nnx(args) -> dict:
     np.testing.assert_allclose(jadapters.nnx_forward()(many, x), one(x), rtol=RTOL, atol=ATOL)
     # each group on its own (see bench_disabled_linen)
     rounds, split_rounds, ours_rounds = (
-        time_rounds(group, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps)
-        for group in (fns, split_fns, ours)
+        _small_rounds(args, group) for group in (fns, split_fns, ours)
     )
     adam = optax.adam(1e-4)
     y = jnp.zeros((size.batch,), jnp.int32)
     steps = {}
     for label, model in (("many", many), ("one", one)):
         *_, steps[label] = _nnx_jadapters_step(model, adam, (x, y))
-    step_rounds = time_rounds(steps, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps)
+    step_rounds = _small_rounds(args, steps)
     what, target = f"{len(names)} added, 1 enabled / 1 added", TARGETS["disabled"]
     return {
         "comparisons": [
@@ -1090,9 +1087,7 @@ def bench_economy(args, framework: str) -> dict:
         else:
             steppers = _linen_steppers(linen_setup(size), adam)
             fw, label = "Linen", "Linen linen_train_step"
-        rounds = time_rounds(
-            steppers, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps
-        )
+        rounds = _small_rounds(args, steppers)
         where = f"d={size.d_model}, {size.layers} layers, dim {size.adapter_dim}"
         comparisons += [
             compare(f"{label} / full ({where})", rounds, "jadapters", "full", None),

@@ -240,7 +240,7 @@ def test_linen_forward_on_hugging_face_flax_bert():
     config = BertConfig(
         vocab_size=40,
         hidden_size=16,
-        num_hidden_layers=2,
+        num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=16,
