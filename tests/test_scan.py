@@ -477,3 +477,58 @@ def test_linen_composition_blocks_in_a_scanned_stack_equal_unrolled():
     np.testing.assert_allclose(
         average(scanned).apply(variables, X), average(unrolled).apply(uvars, X), **TOL
     )
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
+def test_nnx_scanned_sharded_step_and_forward_equal_one_device():
+    """A scanned NNX stack with kernels split over a 2x4 mesh, trained and run through
+    jadapters' own compiled calls: ``nnx_train_step`` on the mesh gives the one-device adapter
+    weights, the base keeps its placement, the adapters and Adam's moments sit on their
+    derived shardings, and ``nnx_forward`` computes the one-device output."""
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+
+    def build():
+        with nnx.use_eager_sharding(False):
+            stack = NNXScanned(partitioned=True, layer_name="layers")
+            model = jadapters.adapter_transform(stack, "layers/mlp")
+            model.add_adapter("l", jadapters.LoRAConfig(rank=2), rngs=nnx.Rngs(1))
+        set_adapters(model, noise(adapter_dict(model)))
+        return model
+
+    def train(model):
+        optimizer = jadapters.adapter_optimizer(model, optax.adam(0.1))
+        step = jadapters.nnx_train_step(lambda m, x: jnp.sum(m(x) ** 2))
+        for _ in range(2):
+            step(model, optimizer, x)
+        return optimizer
+
+    one = build()
+    train(one)
+    mesh = jax.make_mesh((2, 4), ("embed", "mlp"))
+    model = build()
+    state = nnx.state(model)
+    # the stack's "layers" axis maps to no mesh axis (scan slices it), as MaxText's rules map it
+    shardings = jax.tree.map(
+        lambda p: jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*(None if n == "layers" else n for n in p))
+        ),
+        nnx.get_partition_spec(state),
+        is_leaf=lambda p: isinstance(p, jax.sharding.PartitionSpec),
+    )
+    nnx.update(model, jax.device_put(state, shardings))
+    kernel = model.layers.mlp.kernel.get_raw_value()
+    optimizer = train(model)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        adapter_dict(model),
+        adapter_dict(one),
+    )
+    assert model.layers.mlp.kernel.get_raw_value() is kernel  # the base: not even copied
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "embed", "mlp")
+    lora = adapter_dict(model)["layers"]["mlp"]["adapter_layer"]["l"]["params"]
+    moments = nnx.to_pure_dict(nnx.state(optimizer))["opt_state"][0]
+    for tree in (lora, moments["mu"]["layers"]["mlp"]["adapter_layer"]["l"]["params"]):
+        assert tree["a"].sharding.spec == jax.sharding.PartitionSpec(None, "embed", None)
+        assert tree["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "mlp")
+        assert tree["a"].sharding.mesh.shape == mesh.shape
+    np.testing.assert_allclose(jadapters.nnx_forward()(model, x), one(x), rtol=1e-5, atol=1e-6)
