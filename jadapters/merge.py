@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters._adapter_set import AdapterSpec
+from jadapters.adapters.base import stack_size
 from jadapters.composition import check_foldable
 from jadapters.kernels import KernelLayout
 from jadapters.registry import build_adapter
@@ -151,8 +152,12 @@ def _merge(view, chosen, inputs) -> Any:
 
 
 def _stack_gate(view, path: str, spec: AdapterSpec, params: Any) -> tuple[bool, ...] | None:
-    gate = getattr(view, "stack_gate", None)
-    return None if gate is None else gate(path, spec, params)
+    """``None`` for a host outside a layer stack; for one inside, one flag per layer: the
+    layers where adapter ``spec`` (whose weights at ``path`` are ``params``) acts."""
+    size = stack_size(build_adapter(spec.cfg), params)
+    if size is None:
+        return None
+    return view.layer_flags(path, spec, size) or (True,) * size
 
 
 def _fold_stack(view, path, base, layout, entries, gates):

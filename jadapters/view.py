@@ -82,6 +82,10 @@ class AdapterView(Protocol):
     def insert(self, loaded: Sequence[AdapterWeights], *, rngs: Any = None) -> Any:
         """Adds (or replaces) the adapters with their weights; the front-end's own result."""
 
+    def layer_flags(self, path: str, spec: AdapterSpec, size: int) -> tuple[bool, ...] | None:
+        """For adapter ``spec`` at ``path``, a host inside a stack of ``size`` layers: one flag
+        per layer, those where it acts (``Target(layers=...)``); ``None``: every layer."""
+
 
 def view_of(model: Any, variables: Any = None) -> AdapterView:
     """The :class:`AdapterView` of an adapted model (Linen needs its ``variables``).

@@ -20,7 +20,7 @@ import jax
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
 from jadapters._trees import drop_in, path_keys, set_in, subtree
-from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, stack_size, unbox
+from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, unbox
 from jadapters.registry import build_adapter
 from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.targets import Target, layer_gate, path_str, pattern_matches
@@ -202,14 +202,9 @@ class LinenView:
             out.append(AdapterWeights(spec, found[spec.name]))
         return out
 
-    def stack_gate(self, path: str, spec: AdapterSpec, params: Any) -> tuple[bool, ...] | None:
-        """``None`` for a host outside a layer stack; for one inside, one flag per layer: the
-        layers where adapter ``spec`` (whose weights at ``path`` are ``params``) acts."""
-        size = stack_size(build_adapter(spec.cfg), params)
-        if size is None:
-            return None
+    def layer_flags(self, path: str, spec: AdapterSpec, size: int) -> tuple[bool, ...] | None:
         rules = dict(self.model.groups).get(spec.group, ())
-        return layer_gate(rules, path, size) or (True,) * size
+        return layer_gate(rules, path, size)
 
     def host_base(self, path: str) -> Any:
         return unbox(_plain(subtree(self.variables["params"], path))) or {}

@@ -105,15 +105,11 @@ class NNXView:
             out.append(AdapterWeights(spec, hosts))
         return out
 
-    def stack_gate(self, path: str, spec: AdapterSpec, params: Any) -> tuple[bool, ...] | None:
-        """``None`` for a host outside a layer stack; for one inside, one flag per layer: the
-        layers where adapter ``spec`` (whose weights at ``path`` are ``params``) acts."""
-        size = stack_size(build_adapter(spec.cfg), params)
-        if size is None:
-            return None
+    def layer_flags(self, path: str, spec: AdapterSpec, size: int) -> tuple[bool, ...] | None:
+        del size  # the shell holds one flag per layer
         shell = self._all_hosts()[path].get_adapter_module(spec.name)
         gate = getattr(shell, "layer_gate", None)
-        return (True,) * size if gate is None else tuple(bool(g) for g in gate[...])
+        return None if gate is None else tuple(bool(g) for g in gate[...])
 
     def host_base(self, path: str) -> dict:
         return _host_base(self._all_hosts()[path])
