@@ -26,7 +26,11 @@ Measured, each comparison timed interleaved:
    of the routed forward; the jit cache is asserted not to grow;
 5. training: one mixed Adam step over 8 adapters (``linen_train_step``, a sum of per-example
    losses) / 8 single-adapter steps, one per adapter on its own examples (info); the first
-   mixed step is asserted to move every adapter as its own step does.
+   mixed step is asserted to move every adapter as its own step does;
+6. NNX (``NNXTransformer``, the same adapters): the forward of a mixed batch over 8 and 64
+   adapters / one adapter (<= 1.06, <= 1.10), both through ``jadapters.nnx_forward``, after
+   asserting each routed example equals it alone through the one-adapter model holding its
+   slot's weights. ``--framework linen`` or ``nnx`` runs one front-end's part.
 
 Every comparison runs ``--rounds`` rounds; each round gives a median per variant and so one
 ratio, and the table shows the ratio's min / median / max across rounds. A row passes only if
@@ -52,11 +56,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import jadapters
 
 try:
     from benchmarks._common import (
+        IN_FEATURES,
         NUM_CLASSES,
         Stepper,
         compile_rounds,
@@ -69,6 +75,7 @@ try:
     )
 except ImportError:  # run as a script: python benchmarks/bench_routing.py
     from _common import (  # type: ignore[no-redef]
+        IN_FEATURES,
         NUM_CLASSES,
         Stepper,
         compile_rounds,
@@ -79,10 +86,11 @@ except ImportError:  # run as a script: python benchmarks/bench_routing.py
         token_data,
         transformer_kwargs,
     )
-from jadapters.demo.models import LinenTransformer
+from jadapters.demo.models import LinenTransformer, NNXTransformer
 
 HEADS = 8
 TARGETS_RE = {"attn": r"blocks_\d+/attn/(query|value)", "mlp": r"blocks_\d+/mlp"}
+NNX_TARGETS_RE = {"attn": r"blocks/\d+/attn/(query|value)", "mlp": r"blocks/\d+/mlp"}
 RTOL = ATOL = 1e-5
 WEIGHT_SCALE = 0.05  # random adapter weights: large enough to move the output clearly
 TARGETS = {"bank_8": 1.06, "bank_64": 1.10}
@@ -105,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed calls per variant, round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--swaps", type=int, default=5, help="hot swaps and compiles timed")
+    parser.add_argument(
+        "--framework",
+        choices=("linen", "nnx", "both"),
+        default="both",
+        help="nnx: the routed forward only (jadapters.nnx_forward)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -248,6 +262,74 @@ def bench_forward(args, s) -> dict:
                 None,
             ),
         ]
+    return {"checks": checks, "comparisons": comparisons}
+
+
+def _nnx_model(args, configs: dict[str, Any]):
+    """The NNX benchmark transformer (the same base weights every time) with ``configs``."""
+    model = NNXTransformer(IN_FEATURES, rngs=nnx.Rngs(0), **transformer_kwargs(args, HEADS))
+    jadapters.adapter_transform(model, NNX_TARGETS_RE)
+    for i, (name, cfg) in enumerate(configs.items()):
+        model.add_adapter(name, cfg, rngs=nnx.Rngs(params=i + 1, dropout=i + 100))
+    model.eval()
+    return model
+
+
+def _routed(model, x, ids):
+    with jadapters.route(ids):
+        return model(x)
+
+
+def bench_forward_nnx(args, s) -> dict:
+    """NNX: a mixed batch through a bank of N vs one adapter, each through
+    ``jadapters.nnx_forward`` (split once; the ids are traced data)."""
+    x = s["x"]
+    one = _nnx_model(args, _configs(args))
+    one_fwd = jadapters.nnx_forward()
+    checks, comparisons = {}, []
+    for n in args.sizes:
+        configs = {
+            name: jadapters.AdapterBankConfig(adapter=cfg, slots=n)
+            for name, cfg in _configs(args).items()
+        }
+        model = _nnx_model(args, configs)
+        state = nnx.state(model, jadapters.AdapterParam)
+        adapters = _randomize(nnx.to_pure_dict(state), n)
+        nnx.replace_by_pure_dict(state, adapters)
+        nnx.update(model, state)
+        ids = s["banks"][n]["ids"]
+        fwd = jadapters.nnx_forward(_routed)
+        routed = np.asarray(fwd(model, x, ids))
+
+        def use(slot: int, adapters=adapters) -> None:
+            state = nnx.state(one, jadapters.AdapterParam)
+            nnx.replace_by_pure_dict(state, one_slot(adapters, slot))
+            nnx.update(one, state)
+
+        alone = []
+        for slot in np.unique(ids):  # each slot's examples, through the one-adapter model
+            use(int(slot))
+            out = np.asarray(one_fwd(one, x))
+            alone += [(i, out[i]) for i in np.flatnonzero(ids == slot)]
+        alone = np.stack([row for _, row in sorted(alone, key=lambda item: item[0])])
+        np.testing.assert_allclose(routed, alone, rtol=RTOL, atol=ATOL)
+        use(int(ids[0]))
+        checks[n] = {"routed_vs_alone_max_abs_diff": float(np.abs(routed - alone).max())}
+        rounds = time_rounds(
+            {"bank": _blocking(fwd, model, x, ids), "one": _blocking(one_fwd, one, x)},
+            rounds=args.rounds,
+            warmup=args.warmup,
+            steps=args.steps,
+        )
+        comparisons.append(
+            compare(
+                f"NNX forward (nnx_forward), mixed batch over {n} adapters (bank) / one adapter",
+                rounds,
+                "bank",
+                "one",
+                TARGETS.get(f"bank_{n}"),
+            )
+        )
     return {"checks": checks, "comparisons": comparisons}
 
 
@@ -421,19 +503,47 @@ def table(results: dict) -> str:
     """The results as markdown."""
     a = results["args"]
     lines = [
-        f"Routing benchmark (Linen LinenTransformer, d_model={a['d_model']}, "
+        f"Routing benchmark (LinenTransformer / NNXTransformer, d_model={a['d_model']}, "
         f"layers={a['layers']}, heads={HEADS}, seq={a['seq']}, batch={a['batch']}; LoRA rank "
         f"{a['rank']} on attention query/value and LinearAdapter({a['adapter_dim']}) after "
         f"every MLP, as banks of {a['adapters']} slots; {a['rounds']} rounds of {a['steps']} "
         f"timed calls per variant); {results['machine']}",
         "",
         HEADER,
-        *(_row(c) for c in results["forward"]["comparisons"] + results["train"]["comparisons"]),
-        "",
     ]
+    if "forward" in results:
+        lines += [_row(c) for c in results["forward"]["comparisons"]]
+        lines += [_row(c) for c in results["train"]["comparisons"]]
+    if "nnx_forward" in results:
+        lines += [_row(c) for c in results["nnx_forward"]["comparisons"]]
+    lines.append("")
+    if "forward" in results:
+        lines += _linen_notes(results)
+    if "nnx_forward" in results:
+        checks = results["nnx_forward"]["checks"]
+        lines += [
+            "",
+            "NNX: each routed example equals it alone through the model with one ordinary "
+            "adapter holding its slot's weights; max |difference| "
+            + ", ".join(
+                f"{c['routed_vs_alone_max_abs_diff']:.1e} over {n} adapters"
+                for n, c in checks.items()
+            )
+            + ". Both forwards are `jadapters.nnx_forward` (the ids are traced data).",
+        ]
+    lines += [
+        "",
+        "Ratios are per round (each the ratio of the two variants' medians in that round, "
+        "variants interleaved); a row passes only if the max is inside the target.",
+    ]
+    return "\n".join(lines)
+
+
+def _linen_notes(results: dict) -> list[str]:
+    a = results["args"]
     checks = results["forward"]["checks"]
     effect = next(iter(checks.values()))["adapter_effect"]
-    lines.append(
+    lines = [
         "Asserted before timing: each routed example equals it alone with its adapter; max "
         "|difference| "
         + ", ".join(
@@ -441,7 +551,7 @@ def table(results: dict) -> str:
         )
         + f" (an adapter's effect on the logits: {effect:.1e})."
         " The mixed training step moved each adapter as its own step did."
-    )
+    ]
     sw = results["swap"]
     lines += [
         "",
@@ -454,11 +564,8 @@ def table(results: dict) -> str:
         f"{sw['compile_ms']['max']:.0f}); swap / compile "
         f"{sw['load_slot_ms']['median'] / sw['compile_ms']['median']:.3f}. "
         f"jit cache size after the swaps: {sw['jit_cache_size_after_swaps']}.",
-        "",
-        "Ratios are per round (each the ratio of the two variants' medians in that round, "
-        "variants interleaved); a row passes only if the max is inside the target.",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -469,9 +576,12 @@ def run(args: argparse.Namespace) -> dict:
         "machine": machine_line(),
         "targets": TARGETS,
     }
-    results["forward"] = bench_forward(args, s)
-    results["swap"] = bench_swap(args, s)
-    results["train"] = bench_train(args, s)
+    if args.framework in ("linen", "both"):
+        results["forward"] = bench_forward(args, s)
+        results["swap"] = bench_swap(args, s)
+        results["train"] = bench_train(args, s)
+    if args.framework in ("nnx", "both"):
+        results["nnx_forward"] = bench_forward_nnx(args, s)
     return results
 
 
