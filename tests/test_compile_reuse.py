@@ -45,3 +45,34 @@ def test_nnx_loaded_adapters_do_not_force_a_second_compile(tmp_path):
     assert fresh_graphdef == graphdef
     np.testing.assert_array_equal(apply(fresh_state, x), expected)
     assert apply._cache_size() == 1
+
+
+def test_compiled_forwards_run_loaded_adapters_without_a_second_compile(tmp_path):
+    """jadapters' own compiled forwards: adapters loaded from a checkpoint (into the same
+    Linen model's variables; into a model that was already served, for NNX) run in the
+    program compiled before."""
+    x = jnp.ones((2, 3))
+    model = jadapters.adapter_transform(nn.Sequential([nn.Dense(4)]), "layers_0")
+    model = model.add_adapter("task", jadapters.LinearAdapterConfig(dim=2))
+    variables = model.init(jax.random.key(0), x)
+    forward = jadapters.linen_forward(model)
+    expected = forward(variables, x)
+    jadapters.save_adapters(tmp_path / "linen", model, variables)
+    base = {"params": variables["params"]}
+    _, loaded = jadapters.load_adapters(tmp_path / "linen", model, base, replace=True)
+    np.testing.assert_array_equal(forward(loaded, x), expected)
+    assert [f._cache_size() for f in forward._compiled.values()] == [1]
+
+    served = jadapters.adapter_transform(
+        nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0))), "layers/0"
+    )
+    served.add_adapter("task", jadapters.LinearAdapterConfig(dim=2), rngs=nnx.Rngs(1))
+    nnx.update(served, jax.tree.map(lambda a: a + 0.5, nnx.state(served, jadapters.AdapterParam)))
+    nnx_fwd = jadapters.nnx_forward()
+    trained = nnx_fwd(served, x)
+    jadapters.save_adapters(tmp_path / "nnx", served)
+    nnx.update(served, jax.tree.map(jnp.zeros_like, nnx.state(served, jadapters.AdapterParam)))
+    assert not np.array_equal(nnx_fwd(served, x), trained)
+    jadapters.load_adapters(tmp_path / "nnx", served, replace=True)  # in place
+    np.testing.assert_array_equal(nnx_fwd(served, x), trained)
+    assert [f._cache_size() for f in nnx_fwd._split._compiled.values()] == [1]
