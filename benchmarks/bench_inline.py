@@ -117,6 +117,7 @@ QUICK = dict(
     warmup=1,
     compile_repeats=2,
     small_steps=20,
+    disabled_steps=20,
     economy_sizes="64x2",
 )
 
@@ -148,6 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-repeats", type=int, default=5)
     parser.add_argument(
         "--small-steps", type=int, default=100, help="timed calls per round, small models"
+    )
+    parser.add_argument(
+        "--disabled-steps",
+        type=int,
+        default=300,
+        help="timed calls per round, disabled-adapter part (sub-millisecond calls)",
     )
     parser.add_argument("--disabled-count", type=int, default=50)
     parser.add_argument("--disabled-dim", type=int, default=8)
@@ -898,9 +905,10 @@ def _disabled_size(args) -> Size:
     return Size(64, 2, 16, 4, args.disabled_dim)
 
 
-def _small_rounds(args, fns: dict) -> list[dict[str, float]]:
-    """:func:`time_rounds` at the small models' number of calls per round."""
-    return time_rounds(fns, rounds=args.rounds, warmup=args.warmup, steps=args.small_steps)
+def _small_rounds(args, fns: dict, steps: int | None = None) -> list[dict[str, float]]:
+    """:func:`time_rounds` at the small models' number of calls per round (or ``steps``)."""
+    steps = args.small_steps if steps is None else steps
+    return time_rounds(fns, rounds=args.rounds, warmup=args.warmup, steps=steps)
 
 
 def _adapter_names(count: int) -> list[str]:
@@ -939,7 +947,9 @@ def bench_disabled_linen(args) -> dict:
     # that walks hundreds of arrays in Python (most likely the caches it evicts), so a pair
     # interleaved with another pair's calls measures its neighbours.
     rounds = _small_rounds(
-        args, {"many": _blocking(f_many, many_vars, x), "one": _blocking(f_one, one_vars, x)}
+        args,
+        {"many": _blocking(f_many, many_vars, x), "one": _blocking(f_one, one_vars, x)},
+        args.disabled_steps,
     )
     ours_rounds = _small_rounds(
         args,
@@ -948,6 +958,7 @@ def bench_disabled_linen(args) -> dict:
             "ours one": _blocking(ours_one, one_vars, x),
             "one": _blocking(f_one, one_vars, x),
         },
+        args.disabled_steps,
     )
     adam = optax.adam(1e-4)
     y = jnp.zeros((size.batch,), jnp.int32)
@@ -956,7 +967,7 @@ def bench_disabled_linen(args) -> dict:
         step = jadapters.linen_train_step(adapted, _loss_fn, adam)
         ours = copy_tree(adapters)
         steppers[label] = Stepper(step, (ours, step.init(ours)), (base, (x, y), jax.random.key(1)))
-    step_rounds = _small_rounds(args, steppers)
+    step_rounds = _small_rounds(args, steppers, args.disabled_steps)
     what = f"{len(names)} added, 1 enabled / 1 added"
     return {
         "comparisons": [
@@ -1026,14 +1037,19 @@ def bench_disabled_nnx(args) -> dict:
     np.testing.assert_allclose(jadapters.nnx_forward()(many, x), one(x), rtol=RTOL, atol=ATOL)
     # each group on its own (see bench_disabled_linen)
     rounds, split_rounds, ours_rounds = (
-        _small_rounds(args, group) for group in (fns, split_fns, ours)
+        _small_rounds(args, group, steps)
+        for group, steps in (
+            (fns, None),
+            (split_fns, args.disabled_steps),
+            (ours, args.disabled_steps),
+        )
     )
     adam = optax.adam(1e-4)
     y = jnp.zeros((size.batch,), jnp.int32)
     steps = {}
     for label, model in (("many", many), ("one", one)):
         *_, steps[label] = _nnx_jadapters_step(model, adam, (x, y))
-    step_rounds = _small_rounds(args, steps)
+    step_rounds = _small_rounds(args, steps, args.disabled_steps)
     what, target = f"{len(names)} added, 1 enabled / 1 added", TARGETS["disabled"]
     return {
         "comparisons": [
@@ -1149,7 +1165,8 @@ def table(results: dict) -> str:
         f"seq={a['seq']}, batch={a['batch']}, LinearAdapter({a['adapter_dim']}) after every "
         f"block MLP; {a['rounds']} rounds of {a['steps']} timed calls per variant, "
         f"{a['compile_repeats']} compile repeats, each the fastest of 3 compiles; small models "
-        f"{a['small_steps']} calls per round); {results['machine']}",
+        f"{a['small_steps']} calls per round, {a.get('disabled_steps', a['small_steps'])} in "
+        f"the disabled-adapter part except nnx.jit); {results['machine']}",
     ]
     names = {"linen": "Linen", "nnx": "NNX"}
     for fw in ("linen", "nnx"):

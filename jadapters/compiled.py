@@ -77,8 +77,9 @@ class DisabledWeights:
     adapted: Any
     _plan: dict[str, frozenset[str]] | None = None
 
-    def park(self, adapters: Any) -> tuple[Any, list]:
-        """``adapters`` without the disabled adapters' weights, and what was taken out."""
+    def park(self, adapters: Any, *, keep: bool = True) -> tuple[Any, list]:
+        """``adapters`` without the disabled adapters' weights, and what was taken out (with
+        ``keep=False``, nothing: for a call that never puts them back)."""
         if self._plan is None:
             self._plan = _disabled_hosts(self.adapted, adapters)
         parked = []
@@ -87,7 +88,8 @@ class DisabledWeights:
             if isinstance(node, Mapping):
                 kept = {k: v for k, v in node.items() if k not in names}
                 if len(kept) < len(node):
-                    parked.append((host, {k: v for k, v in node.items() if k in names}))
+                    if keep:
+                        parked.append((host, {k: v for k, v in node.items() if k in names}))
                     adapters = set_in(adapters, path_keys(host), kept)
         return adapters, parked
 
@@ -131,7 +133,7 @@ class LinenForward:
                 f"model's variables dict first, got variables={type(variables).__name__}."
             )
         if ADAPTER_COLLECTION in variables:
-            active, _ = self._disabled.park(variables[ADAPTER_COLLECTION])
+            active, _ = self._disabled.park(variables[ADAPTER_COLLECTION], keep=False)
             variables = {**variables, ADAPTER_COLLECTION: active}
         static, dynamic = split_kwargs(kwargs)
         if static not in self._compiled:
