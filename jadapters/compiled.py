@@ -410,7 +410,8 @@ class NNXForward:
         return self._split.lower(model, (), (args, dynamic), static)
 
     def reset(self) -> None:
-        """Forgets the cached split (after replacing a submodule of the model)."""
+        """Forgets the cached split (after replacing a submodule, or setting a Python
+        attribute a module branches on)."""
         self._split.reset()
 
 
@@ -426,7 +427,9 @@ def nnx_forward(fn: Callable[..., Any] | None = None) -> NNXForward:
     graph on every call and returns every one, the base included.)
 
     The split is redone when adapters are added, removed, enabled or disabled, or when a mode
-    flag changes (``model.eval()``); after replacing a submodule, call ``forward.reset()``.
+    flag changes (``model.eval()``). After any other change to what the call computes
+    (replacing a submodule, setting a Python attribute a module branches on), call
+    ``forward.reset()``.
     Keyword arguments that are plain Python values (``bool``, ``int``, ``float``, ``str``,
     ``None``, tuples or lists of them) or callables are static (each new value compiles once);
     positional arguments and other keywords are traced.

@@ -366,9 +366,9 @@ class NNXTrainStep:
     does not grow with the adapters added and left disabled, nor with the graph's Python
     objects. The split is redone when the adapters change (add, remove, enable, disable) or a
     mode flag changes (``model.train()``/``eval()``, BatchNorm's ``use_running_average``).
-    After changing the model's structure in any other way (replacing a submodule), call
-    :meth:`reset`. (The machinery is :class:`jadapters.compiled.SplitOnce`, which
-    :func:`jadapters.nnx_forward` shares.)
+    After any other change to what the step computes (replacing a submodule, setting a
+    Python attribute a module branches on), call :meth:`reset`. (The machinery is
+    :class:`jadapters.compiled.SplitOnce`, which :func:`jadapters.nnx_forward` shares.)
 
     The optimizer must be one built for exactly the enabled adapters (same names, same weight
     shapes): its state belongs to them. Otherwise the step raises ``ValueError`` before
