@@ -894,3 +894,16 @@ def test_inspect_cli(tmp_path, linen, capsys):
         main(["inspect", "--help"])
     assert exit_info.value.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+def test_loading_logs_no_warning(tmp_path, caplog):
+    """A whole checkpoint loads without a word in the log (orbax's checkpointer looked for a
+    step's metadata file inside each item and warned that it was missing)."""
+    model = jadapters.adapter_transform(nn.Sequential([nn.Dense(4)]), "layers_0")
+    model = model.add_adapter("t", jadapters.LoRAConfig(rank=2))
+    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    jadapters.save_adapters(str(tmp_path), model, variables)
+    fresh = jadapters.adapter_transform(nn.Sequential([nn.Dense(4)]), "layers_0")
+    with caplog.at_level("WARNING"):
+        jadapters.load_adapters(str(tmp_path), fresh, {"params": variables["params"]})
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []

@@ -51,6 +51,7 @@ import inspect
 import itertools
 import json
 import os
+import pathlib
 import shutil
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -409,7 +410,14 @@ def restore(
     directory = os.path.join(where, item)
     with ocp.PyTreeCheckpointer() as checkpointer:
         if check is not None:
-            check(_orbax(where, item, lambda: checkpointer.metadata(directory).item_metadata.tree))
+            # the item's own metadata, from its handler: the checkpointer's would also look
+            # for a step's metadata file inside the item and log that it is missing
+            handler = ocp.PyTreeCheckpointHandler()
+            try:
+                tree = _orbax(where, item, lambda: handler.metadata(pathlib.Path(directory)).tree)
+            finally:
+                handler.close()
+            check(tree)
         read = lambda: jax.block_until_ready(checkpointer.restore(directory, args=args))  # noqa: E731
         return _orbax(where, item, read)
 
