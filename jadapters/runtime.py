@@ -405,9 +405,15 @@ def _run_fuse(
     strategy = module.adapter_strategy
     key = io.key(fusion) if requires_key(strategy, training) else None
     result = as_strategy_output(strategy(s, delta, key=key, training=training))
-    if result.aux_loss is not None:
-        losses[fusion.name] = losses.get(fusion.name, 0.0) + result.aux_loss
-    return result.output
+    output, aux_loss = result.output, result.aux_loss
+    gate = io.gate(fusion)
+    if gate is not None:  # a stack's layer the fusion's target leaves out: the stream, exactly
+        output = jnp.where(gate, output, s)
+        if aux_loss is not None:
+            aux_loss = jnp.where(gate, aux_loss, jnp.zeros_like(aux_loss))
+    if aux_loss is not None:
+        losses[fusion.name] = losses.get(fusion.name, 0.0) + aux_loss
+    return output
 
 
 def run_stage(

@@ -479,6 +479,48 @@ def test_linen_composition_blocks_in_a_scanned_stack_equal_unrolled():
     )
 
 
+@pytest.mark.parametrize("strategy", ["residual", "return_result"])
+def test_linen_fuse_on_selected_layers_of_a_scanned_stack_equals_unrolled(strategy):
+    """A Fuse block whose adapters (fusion included) target some layers of a scanned stack:
+    those layers compute what the unrolled model with the block on them computes, and every
+    other layer is the base block exactly, whatever the fusion's strategy makes of the
+    members' (there: zero) deltas."""
+    cfg = jadapters.LinearAdapterConfig(dim=2)
+    join = {
+        "residual": jadapters.ResidualAddStrategy(),
+        "return_result": jadapters.ReturnResultStrategy(),
+    }[strategy]
+
+    def build(model, target):
+        adapted = jadapters.adapter_transform(model, target)
+        for name in ("a", "b"):
+            adapted = adapted.add_adapter(name, cfg)
+        adapted = adapted.add_adapter("f", jadapters.AdapterFusionConfig(adapter_strategy=join))
+        return adapted.set_composition("", jadapters.Fuse("a", "b", fusion="f"))
+
+    scanned = build(LinenScanned(), jadapters.Target(pattern="layers/mlp", layers=SEL))
+    variables = scanned.init(jax.random.key(0), X)
+    variables = {**variables, "adapters": noise(variables["adapters"])}
+    unrolled = build(LinenUnrolled(), [f"layers_{i}/mlp" for i in SEL])
+    slice_at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    uvars = {
+        "params": {f"layers_{i}": slice_at(variables["params"]["layers"], i) for i in range(L)},
+        "adapters": {f"layers_{i}": slice_at(variables["adapters"]["layers"], i) for i in SEL},
+    }
+    out = scanned.apply(variables, X)
+    np.testing.assert_allclose(out, unrolled.apply(uvars, X), **TOL)
+    base = LinenScanned().apply({"params": variables["params"]}, X)
+    assert not np.allclose(out, base, atol=1e-3)  # the block acts on the selected layers
+
+    def grads(adapters):
+        loss = lambda a: jnp.sum(scanned.apply({**variables, "adapters": a}, X) ** 2)  # noqa: E731
+        return jax.grad(loss)(adapters)
+
+    for leaf in jax.tree.leaves(grads(variables["adapters"])["layers"]["mlp"]["f"]):
+        assert not np.any(np.asarray(leaf[: SEL[0]]))  # no gradient on the layers left out
+        assert np.any(np.asarray(leaf[SEL[0] :]))
+
+
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 def test_nnx_scanned_sharded_step_and_forward_equal_one_device():
     """A scanned NNX stack with kernels split over a 2x4 mesh, trained and run through
