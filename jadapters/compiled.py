@@ -255,14 +255,25 @@ class SplitOnce:
         self._bound: tuple | None = None
         self._bound_split: tuple | None = None
 
-    @staticmethod
-    def _token(model: Any, others: tuple, modes: list) -> tuple:
-        flags = tuple(getattr(m, a) for m, a in modes)
-        # The objects themselves, weakly: an id alone can be reused by a new object once the
-        # old one is gone. The revision changes whenever any adapter is added, removed,
-        # enabled or disabled (O(1)).
-        refs = tuple(weakref.ref(o) for o in (model, *others))
-        return (refs, model._adapter_revision(), flags)
+    def _bound_to(self, model: Any, others: tuple) -> bool:
+        """Whether the cached split is of these very objects, with the same adapters and the
+        same mode flags. The objects are held weakly: an id alone can be reused by a new
+        object once the old one is gone. The revision changes whenever any adapter is added,
+        removed, enabled or disabled (O(1))."""
+        if self._bound is None:
+            return False
+        refs, revision, modes, flags = self._bound[0]
+        return (
+            len(refs) == 1 + len(others)
+            and all(r() is o for r, o in zip(refs, (model, *others), strict=False))
+            and model._adapter_revision() == revision
+            and tuple(getattr(m, a) for m, a in modes) == flags
+        )
+
+    def _forget(self, ref: Any) -> None:
+        """A bound object is gone: drop the split, so that its arrays are not kept alive."""
+        if self._bound is not None and any(r is ref for r in self._bound[0][0]):
+            self._bound = self._bound_split = None
 
     def _split(self, model: Any, others: tuple) -> tuple:
         """``(structure key, live variables, templates, disabled filter)``."""
@@ -286,7 +297,7 @@ class SplitOnce:
         return key, live, templates, off
 
     def _bind(self, model: Any, others: tuple) -> tuple:
-        if self._bound is None or self._bound[0] != self._token(model, others, self._bound[1]):
+        if not self._bound_to(model, others):
             if self.validate is not None:
                 self.validate(model, others)
             key, live, templates, off = self._split(model, others)
@@ -300,9 +311,11 @@ class SplitOnce:
             # ``_compiled`` hashes the graph's structure, which costs per call what the split
             # saves
             functions: dict[tuple, Callable[..., Any]] = {}
-            self._bound = (self._token(model, others, modes), modes, live, functions)
+            flags = tuple(getattr(m, a) for m, a in modes)
+            refs = tuple(weakref.ref(o, self._forget) for o in (model, *others))
+            self._bound = ((refs, model._adapter_revision(), modes, flags), live, functions)
             self._bound_split = (key, templates, off)
-        return self._bound[2:]
+        return self._bound[1:]
 
     def _function(self, key: Any, templates: list, off: Any, static: tuple) -> Callable:
         if (key, static) in self._compiled:

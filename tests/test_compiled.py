@@ -2,6 +2,9 @@
 is an input only and its changing state is written back; static and traced keywords; a
 third-party model (Hugging Face's Flax BERT); errors."""
 
+import gc
+import weakref
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,6 +130,20 @@ def test_nnx_forward_is_traced_once_and_again_when_a_mode_changes():
     model.eval()
     forward(model, x)
     assert len(traces) == 2  # the eval-mode program is cached
+
+
+def test_nnx_forward_lets_go_of_a_model_that_is_gone():
+    """The forward holds its model weakly: once the caller drops the model, the cached split
+    goes too and keeps none of the model's arrays alive."""
+    forward, x = jadapters.nnx_forward(), _x()
+    model = _nnx_model()
+    model.eval()
+    forward(model, x)
+    kernel = weakref.ref(model.blocks[0].mlp.fc1.kernel.get_raw_value())
+    assert forward._split._bound is not None and kernel() is not None
+    del model
+    gc.collect()
+    assert forward._split._bound is None and kernel() is None
 
 
 class _Scaled(nnx.Module):
