@@ -278,11 +278,22 @@ def _run_one(
             key=key,
             layout=layout[0] if spec.insertion == "weight" else None,
         )
-    output, aux_loss = result
+    return _gated(spec, io, *result, stream, losses)
+
+
+def _gated(
+    spec: AdapterSpec,
+    io: HostIO,
+    output: jax.Array,
+    aux_loss: jax.Array | None,
+    stream: jax.Array,
+    losses: dict[str, jax.Array],
+) -> jax.Array:
+    """``output`` where adapter ``spec`` acts; in a layer of a scanned stack that its target
+    leaves out, the stream, exactly (and no gradient reaches that layer's slice of its
+    weights). Records its auxiliary loss, gated alike."""
     gate = io.gate(spec)
     if gate is not None:
-        # A layer of a scanned stack that the target leaves out: the stream, exactly (and
-        # no gradient reaches this layer's slice of the adapter's weights).
         output = jnp.where(gate, output, stream)
         if aux_loss is not None:
             aux_loss = jnp.where(gate, aux_loss, jnp.zeros_like(aux_loss))
@@ -405,15 +416,7 @@ def _run_fuse(
     strategy = module.adapter_strategy
     key = io.key(fusion) if requires_key(strategy, training) else None
     result = as_strategy_output(strategy(s, delta, key=key, training=training))
-    output, aux_loss = result.output, result.aux_loss
-    gate = io.gate(fusion)
-    if gate is not None:  # a stack's layer the fusion's target leaves out: the stream, exactly
-        output = jnp.where(gate, output, s)
-        if aux_loss is not None:
-            aux_loss = jnp.where(gate, aux_loss, jnp.zeros_like(aux_loss))
-    if aux_loss is not None:
-        losses[fusion.name] = losses.get(fusion.name, 0.0) + aux_loss
-    return output
+    return _gated(fusion, io, result.output, result.aux_loss, s, losses)
 
 
 def run_stage(
