@@ -252,8 +252,8 @@ class SplitOnce:
         self.donate_others = donate_others
         self.validate = validate
         self._compiled: dict[Any, Callable[..., Any]] = {}  # per graph structure and statics
+        # (token, live variables, compiled functions by statics, (key, templates, filter))
         self._bound: tuple | None = None
-        self._bound_split: tuple | None = None
 
     def _bound_to(self, model: Any, others: tuple) -> bool:
         """Whether the cached split is of these very objects, with the same adapters and the
@@ -273,7 +273,7 @@ class SplitOnce:
     def _forget(self, ref: Any) -> None:
         """A bound object is gone: drop the split, so that its arrays are not kept alive."""
         if self._bound is not None and any(r is ref for r in self._bound[0][0]):
-            self._bound = self._bound_split = None
+            self._bound = None
 
     def _split(self, model: Any, others: tuple) -> tuple:
         """``(structure key, live variables, templates, disabled filter)``."""
@@ -313,8 +313,8 @@ class SplitOnce:
             functions: dict[tuple, Callable[..., Any]] = {}
             flags = tuple(getattr(m, a) for m, a in modes)
             refs = tuple(weakref.ref(o, self._forget) for o in (model, *others))
-            self._bound = ((refs, model._adapter_revision(), modes, flags), live, functions)
-            self._bound_split = (key, templates, off)
+            token = (refs, model._adapter_revision(), modes, flags)
+            self._bound = (token, live, functions, (key, templates, off))
         return self._bound[1:]
 
     def _function(self, key: Any, templates: list, off: Any, static: tuple) -> Callable:
@@ -357,10 +357,10 @@ class SplitOnce:
         return base, rest, others
 
     def __call__(self, model: Any, others: tuple, args: Any, static: tuple = ()) -> Any:
-        live, functions = self._bind(model, others)
+        live, functions, split = self._bind(model, others)
         function = functions.get(static)
         if function is None:
-            function = functions[static] = self._function(*self._bound_split, static)
+            function = functions[static] = self._function(*split, static)
         new_rest, new_others, out = function(*self._arrays(live), args)
         for variables, arrays in zip(live[1:], [new_rest, *new_others], strict=True):
             for v, a in zip(variables, arrays, strict=True):
@@ -376,7 +376,7 @@ class SplitOnce:
 
     def reset(self) -> None:
         """Forgets the cached split, so the next call reads the graphs afresh."""
-        self._bound = self._bound_split = None
+        self._bound = None
 
 
 def _changed(what: str, whose: str, template: list, flat: list) -> str:
