@@ -72,33 +72,87 @@ def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
 class DisabledWeights:
     """Takes a Linen adapted model's disabled adapters' weights out of an adapter tree and
     puts them back. Which hosts hold which disabled adapters is read once, from the first tree
-    given (a Linen adapted model is immutable: enabling an adapter makes a new model)."""
+    given (a Linen adapted model is immutable: enabling an adapter makes a new model), as a
+    nested plan that follows the tree: each dict on a path to a host is copied once per call,
+    however many hosts lie under it."""
 
     adapted: Any
-    _plan: dict[str, frozenset[str]] | None = None
+    # {key: plan below it}, and at a host the disabled adapters' names there
+    _plan: dict[str, Any] | None = None
 
     def park(self, adapters: Any, *, keep: bool = True) -> tuple[Any, list]:
         """``adapters`` without the disabled adapters' weights, and what was taken out (with
         ``keep=False``, nothing: for a call that never puts them back)."""
         if self._plan is None:
-            self._plan = _disabled_hosts(self.adapted, adapters)
-        parked = []
-        for host, names in self._plan.items():
-            node = subtree(adapters, host)
-            if isinstance(node, Mapping):
-                kept = {k: v for k, v in node.items() if k not in names}
-                if len(kept) < len(node):
-                    if keep:
-                        parked.append((host, {k: v for k, v in node.items() if k in names}))
-                    adapters = set_in(adapters, path_keys(host), kept)
-        return adapters, parked
+            self._plan = _nested(_disabled_hosts(self.adapted, adapters))
+        parked: list = []
+        if not self._plan or not isinstance(adapters, Mapping):
+            return adapters, parked
+        return _drop(adapters, self._plan, (), parked if keep else None), parked
 
     @staticmethod
     def unpark(adapters: Any, parked: list) -> Any:
         """``adapters`` with the weights :meth:`park` took out put back (the same arrays)."""
-        for host, weights in parked:
-            adapters = set_in(adapters, path_keys(host), {**subtree(adapters, host), **weights})
+        for keys, node in parked:
+            # the host's dict as given, its enabled adapters' weights replaced by the new ones
+            adapters = set_in(adapters, keys, {**node, **_at(adapters, keys)})
         return adapters
+
+
+class _Host:
+    """The disabled adapters' names at one host, and the keys left at it in the last dict
+    seen there: a dict of the same size that holds every one of those keys has the same keys
+    left (up to keys that name no adapter of the model, which a forward ignores), so the
+    per-call filter touches the few enabled adapters' keys, not every adapter's."""
+
+    __slots__ = ("names", "size", "left")
+
+    def __init__(self, names: frozenset[str]):
+        self.names, self.size, self.left = names, -1, ()
+
+    def kept(self, node: Mapping) -> dict:
+        if len(node) == self.size and all(k in node for k in self.left):
+            return {k: node[k] for k in self.left}
+        kept = {k: v for k, v in node.items() if k not in self.names}
+        self.size, self.left = len(node), tuple(kept)
+        return kept
+
+
+def _nested(hosts: Mapping[str, frozenset[str]]) -> dict[str, Any]:
+    """``{"a/b": names}`` as ``{"a": {"b": _Host(names)}}``."""
+    plan: dict[str, Any] = {}
+    for host, names in hosts.items():
+        *path, last = path_keys(host)
+        node = plan
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = _Host(names)
+    return plan
+
+
+def _drop(tree: Mapping, plan: Mapping[str, Any], keys: tuple, parked: list | None) -> dict:
+    """A copy of ``tree`` without the names ``plan`` lists at its hosts; each host's dict as
+    given goes into ``parked`` (unless ``None``) with its keys."""
+    out = dict(tree)
+    for key, below in plan.items():
+        node = out.get(key)
+        if not isinstance(node, Mapping):
+            continue
+        if isinstance(below, _Host):
+            kept = below.kept(node)
+            if len(kept) < len(node):
+                out[key] = kept
+                if parked is not None:
+                    parked.append(((*keys, key), node))
+        else:
+            out[key] = _drop(node, below, (*keys, key), parked)
+    return out
+
+
+def _at(tree: Any, keys: tuple) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
 
 
 def _disabled_hosts(adapted: Any, adapters: Any) -> dict[str, frozenset[str]]:

@@ -15,7 +15,7 @@ from flax import nnx
 
 import jadapters
 from jadapters import AdapterParam, LinearAdapterConfig
-from jadapters.compiled import split_kwargs
+from jadapters.compiled import DisabledWeights, split_kwargs
 from jadapters.demo.models import NNXTransformer
 from jadapters.losses import AUX_LOSS_COLLECTION
 
@@ -241,6 +241,45 @@ def test_linen_forward_leaves_the_disabled_weights_out_and_the_callers_tree_alon
     ]
     assert inputs[0] == inputs[1]
     assert "off" in variables["adapters"]["fc1"]  # the caller's tree is not changed
+
+
+def _same_arrays(a, b) -> bool:
+    """The same tree of the very same arrays, keys in the same order."""
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and list(a) == list(b) and all(_same_arrays(a[k], b[k]) for k in a)
+        )
+    return a is b
+
+
+def test_setting_aside_reads_every_new_tree_and_puts_back_the_same_arrays():
+    """``DisabledWeights`` remembers which keys a host kept, to touch only those per call; a
+    new tree (new arrays, or other keys at a host) is never served from that memory."""
+    model = jadapters.adapter_transform(_Net(), r"fc\d")
+    for name in ("a", "b", "c"):
+        model = model.add_adapter(name, LinearAdapterConfig(dim=2))
+    model = model.set_enabled_adapters(enabled=False).set_enabled_adapters("b", enabled=True)
+    adapters = model.init(jax.random.key(0), _x((3, 5)))["adapters"]
+    disabled = DisabledWeights(model)
+    for _ in range(3):  # new arrays under the same keys every time, as in a training loop
+        adapters = jax.tree.map(lambda a: a + 1.0, adapters)
+        active, parked = disabled.park(adapters)
+        assert _same_arrays(active, {h: {"b": adapters[h]["b"]} for h in ("fc1", "fc2")})
+        trained = jax.tree.map(lambda a: a * 2.0, active)
+        back = DisabledWeights.unpark(trained, parked)
+        assert list(back["fc1"]) == ["a", "b", "c"]  # the caller's order
+        for host in ("fc1", "fc2"):
+            assert back[host]["b"] is trained[host]["b"]
+            assert _same_arrays(
+                {k: back[host][k] for k in "ac"}, {k: adapters[host][k] for k in "ac"}
+            )
+    assert set(adapters["fc1"]) == {"a", "b", "c"}  # the caller's tree is not changed
+    # other keys at a host, at another size or at the same size: filtered afresh
+    fewer = {**adapters, "fc1": {"b": adapters["fc1"]["b"], "c": adapters["fc1"]["c"]}}
+    assert _same_arrays(disabled.park(fewer, keep=False)[0]["fc1"], {"b": adapters["fc1"]["b"]})
+    swapped = {**adapters, "fc1": {"a": 1, "c": 2, "other": adapters["fc1"]["b"]}}
+    assert disabled.park(swapped, keep=False)[0]["fc1"] == {"other": adapters["fc1"]["b"]}
+    assert _same_arrays(disabled.park(adapters, keep=False)[0]["fc2"], {"b": adapters["fc2"]["b"]})
 
 
 def test_linen_forward_names_a_wrong_first_argument(linen_net):
