@@ -66,7 +66,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, steps
 
 class Stepper:
     """Calls ``step(*state, *consts)``, keeps the first ``len(state)`` outputs as the new
-    state, and blocks on the result."""
+    state, and blocks on the outputs after them (the metrics; the state where there are none).
+
+    A compiled program's outputs are all ready when it ends, so the metrics say when the
+    step is done, as in a training loop that reads its loss. Blocking on the whole state
+    would also time JAX's readiness check of every array in it, arrays the step never
+    touched included: about 1 us per array on a GPU, 0.1 us on a CPU (the Linen step
+    returns the disabled adapters' weights that it set aside, untouched)."""
 
     def __init__(self, step, state, consts):
         self.step, self.state, self.consts = step, tuple(state), tuple(consts)
@@ -74,7 +80,7 @@ class Stepper:
     def __call__(self):
         out = self.step(*self.state, *self.consts)
         self.state = tuple(out[: len(self.state)])
-        jax.block_until_ready(out)
+        jax.block_until_ready(out[len(self.state) :] or out)
 
 
 def cross_entropy(logits, labels):
@@ -210,14 +216,15 @@ def copy_tree(tree):
 def full_gradient_step(loss, tx):
     """A jit step: gradient of ``loss(params, *consts)`` w.r.t. all ``params``, then ``tx``.
 
-    ``step(params, opt_state, *consts) -> (params, opt_state)``; params and optimizer state
-    are donated.
+    ``step(params, opt_state, *consts) -> (params, opt_state, loss)``; params and optimizer
+    state are donated. It returns its loss, as every step timed here does (see
+    :class:`Stepper`).
     """
 
     def step(params, opt_state, *consts):
-        grads = jax.grad(loss)(params, *consts)
+        value, grads = jax.value_and_grad(loss)(params, *consts)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, updates), opt_state, value
 
     return jax.jit(step, donate_argnums=(0, 1))
 

@@ -956,8 +956,12 @@ def bench_disabled_linen(args) -> dict:
         {
             "ours many": _blocking(ours_many, many_vars, x),
             "ours one": _blocking(ours_one, one_vars, x),
-            "one": _blocking(f_one, one_vars, x),
         },
+        args.disabled_steps,
+    )
+    against_jit = _small_rounds(
+        args,
+        {"ours one": _blocking(ours_one, one_vars, x), "one": _blocking(f_one, one_vars, x)},
         args.disabled_steps,
     )
     adam = optax.adam(1e-4)
@@ -982,7 +986,7 @@ def bench_disabled_linen(args) -> dict:
             ),
             compare(
                 "Linen jadapters.linen_forward / jax.jit(apply), 1 added",
-                ours_rounds,
+                against_jit,
                 "ours one",
                 "one",
                 None,
@@ -1032,16 +1036,17 @@ def bench_disabled_nnx(args) -> dict:
         fn, state = _pure_forward(model)
         split_fns[f"split {label}"] = _blocking(jax.jit(fn), state, x)
         ours[f"ours {label}"] = _blocking(jadapters.nnx_forward(), model, x)
-    ours["split one"] = split_fns["split one"]
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(many, x), one(x), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(jadapters.nnx_forward()(many, x), one(x), rtol=RTOL, atol=ATOL)
-    # each group on its own (see bench_disabled_linen)
-    rounds, split_rounds, ours_rounds = (
+    # each pair on its own (see bench_disabled_linen)
+    against_split = {"ours one": ours["ours one"], "split one": split_fns["split one"]}
+    rounds, split_rounds, ours_rounds, against_split_rounds = (
         _small_rounds(args, group, steps)
         for group, steps in (
             (fns, None),
             (split_fns, args.disabled_steps),
             (ours, args.disabled_steps),
+            (against_split, args.disabled_steps),
         )
     )
     adam = optax.adam(1e-4)
@@ -1059,7 +1064,7 @@ def bench_disabled_nnx(args) -> dict:
             ),
             compare(
                 "NNX jadapters.nnx_forward / jax.jit(nnx.merge(...)(x)), 1 added",
-                ours_rounds,
+                against_split_rounds,
                 "ours one",
                 "split one",
                 None,

@@ -48,6 +48,7 @@ try:
         IN_FEATURES,
         Stepper,
         cross_entropy,
+        full_gradient_step,
         randomize,
         time_interleaved,
         token_data,
@@ -58,6 +59,7 @@ except ImportError:  # run as a script: python benchmarks/bench_transform.py
         IN_FEATURES,
         Stepper,
         cross_entropy,
+        full_gradient_step,
         randomize,
         time_interleaved,
         token_data,
@@ -137,17 +139,6 @@ def _count(tree) -> int:
     return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
 
-def _full_gradient_step(loss, tx):
-    """A jit step: gradient of ``loss`` w.r.t. all of ``params``, then ``tx``; donated."""
-
-    def step(params, opt_state, *batch):
-        grads = jax.grad(loss)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 # --- Linen -------------------------------------------------------------------------------------
 
 
@@ -196,7 +187,7 @@ def bench_linen(args) -> dict:
 
     full_params = _copy(base_params)
     full = Stepper(
-        _full_gradient_step(full_loss, adam), (full_params, adam.init(full_params)), (x, y)
+        full_gradient_step(full_loss, adam), (full_params, adam.init(full_params)), (x, y)
     )
 
     step = jadapters.linen_train_step(adapted, loss_fn, adam)
@@ -211,7 +202,7 @@ def bench_linen(args) -> dict:
     masked_tx = optax.masked(adam, mask)
     masked_vars = _copy(variables)
     masked = Stepper(
-        _full_gradient_step(adapted_loss, masked_tx),
+        full_gradient_step(adapted_loss, masked_tx),
         (masked_vars, masked_tx.init(masked_vars)),
         (x, y),
     )
@@ -219,7 +210,7 @@ def bench_linen(args) -> dict:
     frozen_tx = jadapters.freeze_base(adam, jadapters.param_labels(adapted, variables))
     frozen_vars = _copy(variables)
     frozen = Stepper(
-        _full_gradient_step(adapted_loss, frozen_tx),
+        full_gradient_step(adapted_loss, frozen_tx),
         (frozen_vars, frozen_tx.init(frozen_vars)),
         (x, y),
     )
@@ -310,7 +301,7 @@ def bench_nnx(args) -> dict:
 
     full_loss, full_params, base_rest = _functional(base, nnx.Param)
     full = Stepper(
-        _full_gradient_step(full_loss, adam),
+        full_gradient_step(full_loss, adam),
         (full_params, adam.init(full_params)),
         (base_rest, x, y),
     )
@@ -333,14 +324,14 @@ def bench_nnx(args) -> dict:
 
     masked_tx = optax.masked(adam, jax.tree.map(lambda label: label == "adapters", labels))
     masked = Stepper(
-        _full_gradient_step(adapted_loss, masked_tx),
+        full_gradient_step(adapted_loss, masked_tx),
         (all_params, masked_tx.init(all_params)),
         (rest, x, y),
     )
     frozen_tx = jadapters.freeze_base(adam, labels)
     frozen_params = _copy(all_params)
     frozen = Stepper(
-        _full_gradient_step(adapted_loss, frozen_tx),
+        full_gradient_step(adapted_loss, frozen_tx),
         (frozen_params, frozen_tx.init(frozen_params)),
         (rest, x, y),
     )
