@@ -22,6 +22,15 @@ IN_FEATURES = 64
 NUM_CLASSES = 10
 
 
+_START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    """A line on stderr with the seconds since the start: a run stopped by a time limit (a
+    lent GPU machine's) shows how far it got, and a log shows where the time went."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def optional_peer(name: str, extra: str = "bench"):
     """The module ``name`` of a comparison peer, or ``None`` with a printed note when it is not
     installed: the benchmark then skips that peer's rows instead of failing."""
@@ -135,6 +144,7 @@ def time_rounds(
       One ``{name: median ms}`` dict per round.
     """
     names = list(fns)
+    progress(f"timing {', '.join(names)}: {rounds} rounds of {steps} calls")
     results = []
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
@@ -176,6 +186,7 @@ def compile_rounds(
       compile's parts).
     """
     names = list(makers)
+    progress(f"compiling {', '.join(names)}: {repeats} repeats, best of {best_of}")
     results = []
     for r in range(repeats):
         times: dict[str, dict[str, float]] = {}
