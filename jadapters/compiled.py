@@ -10,8 +10,9 @@ by the training steps (:mod:`jadapters.training`) and the compiled forwards belo
 - **NNX** (:class:`SplitOnce`): the graph of (model, *others) is split once into the frozen
   base (``nnx.Param``), the disabled adapters, the rest of the model and the others' state.
   Each call reads the live variables' arrays, runs one ``jax.jit``-compiled pure function and
-  writes back the rest and the others' state. The base is an input only (never copied), and
-  the disabled adapters are shapes inside the trace.
+  writes back the others' state and those variables of the rest that the function changed.
+  The base is an input only (never copied), and the disabled adapters are shapes inside the
+  trace.
 
 The forwards, :func:`linen_forward` and :func:`nnx_forward`, serve a model with many adapters
 added and a few enabled at the cost of the enabled ones::
@@ -34,7 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jadapters._trees import path_keys, set_in, subtree
+from jadapters._trees import path_keys, set_in
 from jadapters.storage import ADAPTER_COLLECTION, NNX_ADAPTER_ATTR
 from jadapters.view import view_of
 
@@ -284,8 +285,10 @@ class SplitOnce:
     frozen base (``nnx.Param``), its disabled adapters and the rest (enabled adapters' weights,
     RNG counters, statistics); each of ``others`` (an optimizer) whole. It keeps the live
     variables of each part. Every call reads their arrays, runs the compiled function and
-    writes back the model's rest and the others' state. The base is an input only: nothing
-    copies it. Disabled adapters are not inputs: inside the trace they are their shapes.
+    writes back the others' state and the variables of the model's rest that it changed (an
+    RNG counter that advanced, trained weights; in evaluation mode usually none). The base is
+    an input only: nothing copies it. Disabled adapters are not inputs: inside the trace they
+    are their shapes.
     The split is redone when the adapters change (the model's adapter revision) or a mode flag
     of what runs changes (``model.train()``/``eval()``); :meth:`reset` forgets it.
 
@@ -398,7 +401,14 @@ class SplitOnce:
                 leaves(t, nnx.state(o), type(o).__name__)
                 for t, o in zip(other_t, live, strict=True)
             ]
-            return leaves(rest_t, new_rest, "model"), new_others, out
+            # Only the variables the function changed come out, by index: what it left alone
+            # (a frozen adapter's weights, an RNG stream nothing drew from, every variable of
+            # a forward in evaluation mode) is still its input tracer, and writing it back
+            # would cost a Python call per variable per call. The indices are the output's
+            # structure, so every cached trace carries its own.
+            new = leaves(rest_t, new_rest, "model")
+            changed = {i: a for i, (a, b) in enumerate(zip(new, rest, strict=True)) if a is not b}
+            return changed, new_others, out
 
         # Only the others' state may be donated: the model's arrays may be held elsewhere too
         # (an unmerge snapshot, a clone).
@@ -415,8 +425,11 @@ class SplitOnce:
         function = functions.get(static)
         if function is None:
             function = functions[static] = self._function(*split, static)
-        new_rest, new_others, out = function(*self._arrays(live), args)
-        for variables, arrays in zip(live[1:], [new_rest, *new_others], strict=True):
+        changed, new_others, out = function(*self._arrays(live), args)
+        rest = live[1]
+        for i, a in changed.items():
+            rest[i].set_raw_value(a)
+        for variables, arrays in zip(live[2:], new_others, strict=True):
             for v, a in zip(variables, arrays, strict=True):
                 v.set_raw_value(a)
         return out
@@ -488,7 +501,7 @@ def nnx_forward(fn: Callable[..., Any] | None = None) -> NNXForward:
     ``forward(model, *args, **kwargs)`` returns ``model(*args, **kwargs)`` (or
     ``fn(model, *args, **kwargs)``), compiled. The first call splits the model's graph once
     and keeps its live variables; every call then reads their arrays into one ``jax.jit``
-    function and writes back what may change (RNG counters, batch statistics). The frozen base
+    function and writes back what it changed (RNG counters, batch statistics). The frozen base
     is an input only, and a disabled adapter is no input at all: fifty adapters added and one
     enabled cost per call what one adapter costs. (``nnx.jit`` walks every variable of the
     graph on every call and returns every one, the base included.)
