@@ -182,19 +182,24 @@ class LinenForward:
         self._compiled: dict[tuple, Callable[..., Any]] = {}
 
     def _prepare(self, variables: Any, kwargs: Mapping[str, Any]) -> tuple[Callable, Any, dict]:
-        if not isinstance(variables, Mapping):
+        # Runs on every call, before a sub-millisecond compiled call: no work it can skip.
+        if type(variables) is not dict and not isinstance(variables, Mapping):
             raise TypeError(
                 "a Linen forward is called as forward(variables, *args, **kwargs) with the "
                 f"model's variables dict first, got variables={type(variables).__name__}."
             )
-        if ADAPTER_COLLECTION in variables:
-            active, _ = self._disabled.park(variables[ADAPTER_COLLECTION], keep=False)
-            variables = {**variables, ADAPTER_COLLECTION: active}
-        static, dynamic = split_kwargs(kwargs)
-        if static not in self._compiled:
+        adapters = variables.get(ADAPTER_COLLECTION)
+        if adapters is not None:
+            active, _ = self._disabled.park(adapters, keep=False)
+            if active is not adapters:
+                variables = {**variables, ADAPTER_COLLECTION: active}
+        static, dynamic = split_kwargs(kwargs) if kwargs else ((), kwargs)
+        compiled = self._compiled.get(static)
+        if compiled is None:
             apply, fixed = self.adapted.apply, dict(static)
-            self._compiled[static] = jax.jit(lambda v, *a, **k: apply(v, *a, **fixed, **k))
-        return self._compiled[static], variables, dynamic
+            compiled = jax.jit(lambda v, *a, **k: apply(v, *a, **fixed, **k))
+            self._compiled[static] = compiled
+        return compiled, variables, dynamic
 
     def __call__(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         compiled, variables, dynamic = self._prepare(variables, kwargs)
@@ -481,7 +486,7 @@ class NNXForward:
         return self.fn(model, *positional, **kwargs)
 
     def __call__(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        static, dynamic = split_kwargs(kwargs)
+        static, dynamic = split_kwargs(kwargs) if kwargs else ((), kwargs)
         return self._split(model, (), (args, dynamic), static)
 
     def lower(self, model: Any, *args: Any, **kwargs: Any) -> Any:
