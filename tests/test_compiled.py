@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _frontends import assert_trees_equal
 from flax import nnx
@@ -336,3 +337,35 @@ def test_linen_forward_on_hugging_face_flax_bert():
             )
         )
     )
+
+
+def test_nnx_train_step_writes_back_only_what_the_step_changed():
+    """A frozen adapter (``trainable`` names the other) and the RNG streams keep their very
+    arrays through a step; the trained adapter's weights are new arrays."""
+    model = NNXTransformer(8, rngs=nnx.Rngs(0), **MODEL)
+    jadapters.adapter_transform(model, r"blocks/\d+/mlp")
+    for i, name in enumerate("ab"):
+        model.add_adapter(name, LinearAdapterConfig(dim=4), rngs=nnx.Rngs(params=i))
+    nnx.update(model, jax.tree.map(lambda a: a + 0.1, nnx.state(model, AdapterParam)))
+    optimizer = jadapters.adapter_optimizer(model, optax.sgd(0.1), trainable="a")
+    step = jadapters.nnx_train_step(lambda m, b: jnp.mean(m(b) ** 2), trainable="a")
+
+    def arrays(name, weights):
+        return [
+            v.get_raw_value()
+            for path, v in nnx.iter_graph(model)
+            if isinstance(v, nnx.Variable)
+            and name in path
+            and isinstance(v, AdapterParam) is weights
+        ]
+
+    kept = arrays("b", True) + arrays("b", False) + arrays("a", False)
+    trained = arrays("a", True)
+    step(model, optimizer, _x())
+    assert all(
+        a is b
+        for a, b in zip(
+            arrays("b", True) + arrays("b", False) + arrays("a", False), kept, strict=True
+        )
+    )
+    assert trained and not any(a is b for a, b in zip(arrays("a", True), trained, strict=True))
