@@ -369,3 +369,30 @@ def test_nnx_train_step_writes_back_only_what_the_step_changed():
         )
     )
     assert trained and not any(a is b for a, b in zip(arrays("a", True), trained, strict=True))
+
+
+def test_nnx_forward_serves_a_slot_put_after_it_compiled():
+    """Hot swap into an adapter bank: the compiled forward reads the slot's new weights at
+    its next call, without tracing again, and the other slot's examples are unchanged."""
+    model = NNXTransformer(8, rngs=nnx.Rngs(0), **MODEL)
+    jadapters.adapter_transform(model, r"blocks/\d+/mlp")
+    bank = jadapters.AdapterBankConfig(adapter=LinearAdapterConfig(dim=4), slots=2)
+    model.add_adapter("tenants", bank, rngs=nnx.Rngs(1))
+    model.eval()
+    traces = []
+
+    def routed(m, x, ids):
+        traces.append(len(traces))
+        with jadapters.route(ids):
+            return m(x)
+
+    forward, x, ids = jadapters.nnx_forward(routed), _x(), jnp.array([0, 1])
+    before = forward(model, x, ids)
+    weights = jadapters.slot_weights(model, bank="tenants", slot=1)
+    noise = jax.tree.map(lambda a: a + 0.5 * _x(a.shape, seed=a.size), weights)
+    jadapters.put_slot(model, bank="tenants", slot=1, weights=noise)
+    after = forward(model, x, ids)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(after[0], before[0])
+    assert not np.allclose(after[1], before[1], atol=1e-3)
+    np.testing.assert_allclose(after, routed(model, x, ids), rtol=1e-5, atol=1e-6)
