@@ -20,6 +20,7 @@ import numpy as np
 
 from jadapters._adapter_set import AdapterSpec
 from jadapters._checks import show
+from jadapters._walks import shared
 from jadapters.adapters.bank import slot_params
 from jadapters.adapters.base import param_path, schema_widths
 from jadapters.checkpoint.io import read_checked
@@ -90,6 +91,7 @@ def _result(view: AdapterView, spec: AdapterSpec, hosts: Mapping[str, Any]) -> A
     return result[1] if isinstance(result, tuple) else result
 
 
+@shared
 def slot_weights(model: Any, variables: Any = None, *, bank: str, slot: int) -> dict:
     """``{host path: params}`` of slot ``slot`` of adapter bank ``bank``, shaped as one adapter
     of the bank's inner config (padding included).
@@ -109,6 +111,7 @@ def slot_weights(model: Any, variables: Any = None, *, bank: str, slot: int) -> 
     return {host: _one(spec, stacked, slot) for host, stacked in weights.hosts.items()}
 
 
+@shared
 def put_slot(
     model: Any,
     variables: Any = None,
@@ -161,6 +164,7 @@ def put_slot(
     return _result(view, spec, hosts)
 
 
+@shared
 def clear_slot(model: Any, variables: Any = None, *, bank: str, slot: int) -> Any:
     """Frees slot ``slot`` of ``bank``: its weights become a freshly initialised adapter's,
     which leaves every example routed there unchanged (identity at init). Returns as
@@ -211,6 +215,7 @@ def _fresh(inner: Any, like: Any, host: str) -> Any:
     )
 
 
+@shared
 def load_slot(
     path: str,
     model: Any,

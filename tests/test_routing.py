@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import jadapters
+from jadapters.demo.models import NNXTransformer
 from jadapters.view import AdapterWeights, view_of
 from tests._frontends import primitive_counts
 
@@ -510,3 +511,39 @@ def test_a_slot_table_names_the_slots_a_batch_routes_through(fe):
     np.testing.assert_allclose(case(X, table.ids(["code"] * len(X))), base * 5.0, rtol=1e-6)
     with pytest.raises(ValueError, match=r"'legal' is in no slot; loaded: \['code', 'medical'\]"):
         table.ids(["legal"])
+
+
+def test_nnx_slot_functions_walk_the_graph_once(monkeypatch):
+    """Putting an adapter into a slot of an NNX model asks for its hosts and adapters many
+    times; the model's graph is walked once per change of its adapters (it was walked 30
+    times for two banks, each walk visiting every module and variable). Outside the slot
+    functions every walk is fresh: a graph changed by the user in between is seen."""
+    model = NNXTransformer(
+        8,
+        rngs=nnx.Rngs(0),
+        num_classes=10,
+        d_model=16,
+        num_layers=2,
+        num_heads=2,
+        mlp_dim=32,
+        max_len=8,
+    )
+    jadapters.adapter_transform(model, {"mlp": r"blocks/\d+/mlp", "attn": r"blocks/\d+/attn"})
+    for group in ("mlp", "attn"):
+        cfg = jadapters.AdapterBankConfig(adapter=jadapters.LinearAdapterConfig(dim=4), slots=2)
+        model.add_adapter(f"{group}:bank_{group}", cfg, rngs=nnx.Rngs(1))
+    weights = {g: jadapters.slot_weights(model, bank=f"bank_{g}", slot=1) for g in ("mlp", "attn")}
+    walked = []
+    walk = nnx.iter_graph
+    monkeypatch.setattr(nnx, "iter_graph", lambda root: walked.append(root) or walk(root))
+    for group, w in weights.items():
+        noisy = jax.tree.map(lambda a: a + 1.0, w)
+        jadapters.put_slot(model, bank=f"bank_{group}", slot=1, weights=noisy)
+    assert len(walked) == 2  # once per call
+    for group, w in weights.items():
+        got = jadapters.slot_weights(model, bank=f"bank_{group}", slot=1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b + 1.0), got, w)
+    walked.clear()
+    model.set_enabled_adapters("bank_mlp", False)
+    model.set_enabled_adapters("bank_mlp", True)
+    assert len(walked) >= 2  # outside the slot functions, every walk is fresh

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jadapters._walks import shared
 from jadapters.checkpoint import arrays, store
 from jadapters.checkpoint import fingerprint as base_check
 from jadapters.checkpoint import metadata as md
@@ -98,6 +99,7 @@ def _host_base(view: AdapterView, host: str) -> Any:
         return None
 
 
+@shared
 def save_adapters(
     path: str,
     model: Any,
@@ -252,6 +254,7 @@ def abstract_adapters(path: str, *, name: NameLike = None, version: int | None =
 
 
 @store.reads_one_version
+@shared
 def load_adapters(
     path: str,
     model: Any,

@@ -26,6 +26,7 @@ from jadapters._adapter_set import (
     check_name,
     split_qualified_name,
 )
+from jadapters._walks import bump, iter_graph, revision
 from jadapters.adapters.base import apply_rule, derive_weight_names
 from jadapters.kernels import kernel_layout
 from jadapters.nnx.shell import NNXAdapter, stacked_shell
@@ -97,15 +98,6 @@ def _enabled_filter(root: nnx.Module) -> AdapterFilter:
                     where = jax.tree_util.keystr(where)
                     leaves.append((prefix, where, tuple(x.shape), str(x.dtype)))
     return AdapterFilter(tuple(prefixes), tuple(leaves))
-
-
-# Changes whenever any module's adapters are added, removed, enabled or disabled: a cheap
-# token for caches of a model's graph (the NNX training step's split).
-_REVISION = [0]
-
-
-def _adapter_revision() -> int:
-    return _REVISION[0]
 
 
 def freeze_batchnorm(root: nnx.Module) -> int:
@@ -336,12 +328,12 @@ class AdapterModuleMixin:
 
     def _set_adapter_set(self, value: AdapterSet) -> None:
         self._adapters_spec = value
-        _REVISION[0] += 1
+        bump()
 
     def _adapter_revision(self) -> int:
         """A number that changes whenever any adapter anywhere is added, removed, enabled or
         disabled."""
-        return _adapter_revision()
+        return revision()
 
     def add_adapter(
         self,
@@ -468,7 +460,9 @@ class AdapterModuleMixin:
           ValueError: if no adapter exists or ``name`` is unknown.
         """
         bare = None if name is None else _bare(name)
-        self._set_adapter_set(self._adapter_set().set_enabled(bare, enabled))
+        new = self._adapter_set().set_enabled(bare, enabled)
+        if [s.enabled for s in new] != [s.enabled for s in self._adapter_set()]:
+            self._set_adapter_set(new)  # a change: caches of the graph are stale
 
     def get_enabled_adapters(self) -> list[str]:
         """Names of the enabled adapters, in insertion (chain) order."""
@@ -594,7 +588,7 @@ class AdapterModelMixin:
     def adapter_group_modules(self, group: str) -> list[AdapterModuleMixin]:
         """The host modules of ``group``."""
         paths = dict(getattr(self, "_adapter_groups", ())).get(group, ())
-        by_path = {tuple(p): n for p, n in nnx.iter_graph(self)}
+        by_path = {tuple(p): n for p, n in iter_graph(self)}
         return [by_path[tuple(p)] for p in paths]
 
     def _model_adapter_set(self) -> AdapterSet:
@@ -603,13 +597,13 @@ class AdapterModelMixin:
     def _adapter_revision(self) -> int:
         """A number that changes whenever any adapter anywhere is added, removed, enabled or
         disabled."""
-        return _adapter_revision()
+        return revision()
 
     def _adapter_hosts(self) -> dict[str, AdapterModuleMixin]:
         """``{path: module}`` of every adapter-capable module inside the model, in graph order."""
         return {
             path_str(path): node
-            for path, node in nnx.iter_graph(self)
+            for path, node in iter_graph(self)
             if path and isinstance(node, AdapterModuleMixin)
         }
 
@@ -840,7 +834,7 @@ class AdapterModelMixin:
     def get_adapter_modules(self, name: str) -> dict[tuple[Any, ...], NNXAdapter]:
         """``{host path: adapter}`` for every host that holds adapter ``name``."""
         out = {}
-        for path, node in nnx.iter_graph(self):
+        for path, node in iter_graph(self):
             if isinstance(node, AdapterModuleMixin) and node.get_adapter_module(name) is not None:
                 out[tuple(path)] = node.get_adapter_module(name)
         return out

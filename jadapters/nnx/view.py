@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
+from jadapters._walks import iter_graph
 from jadapters.adapters.base import stack_size
 from jadapters.kernels import kernel_layout
 from jadapters.registry import build_adapter
@@ -78,7 +79,7 @@ class NNXView:
 
     def hosts(self, group: str) -> dict[str, Any]:
         """``{host path: host module}`` of ``group``, in the model's order."""
-        paths = {id(node): path_str(path) for path, node in nnx.iter_graph(self.model)}
+        paths = {id(node): path_str(path) for path, node in iter_graph(self.model)}
         return {paths[id(h)]: h for h in self.model._group_modules(group)}
 
     def in_group(self, group: str, path: str) -> bool:
