@@ -23,7 +23,7 @@ from flax import nnx
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _REVISION = [0]
-# {id(root): (root, revision, walk)} while a shared operation runs; None otherwise
+# {id(root): (root, revision, [walk, index])} while a shared operation runs; None otherwise
 _WALKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "jadapters_walks", default=None
 )
@@ -50,9 +50,33 @@ def iter_graph(root: Any) -> Any:
     walks = _WALKS.get()
     if walks is None:
         return nnx.iter_graph(root)
+    return _walk(walks, root)[0]
+
+
+def paths_by_id(root: Any) -> dict[int, tuple]:
+    """``{id(node): path}`` of every node of ``root``'s graph (each node's first path);
+    inside :func:`shared`, built once per adapter revision."""
+    walks = _WALKS.get()
+    if walks is None:
+        return _index(nnx.iter_graph(root))
+    walk = _walk(walks, root)
+    if walk[1] is None:
+        walk[1] = _index(walk[0])
+    return walk[1]
+
+
+def _index(walk: Any) -> dict[int, tuple]:
+    index: dict[int, tuple] = {}
+    for path, node in walk:
+        index.setdefault(id(node), tuple(path))
+    return index
+
+
+def _walk(walks: dict, root: Any) -> list:
+    """``[walk, index or None]`` of ``root`` at the current revision."""
     hit = walks.get(id(root))
     if hit is None or hit[0] is not root or hit[1] != revision():
-        hit = walks[id(root)] = (root, revision(), list(nnx.iter_graph(root)))
+        hit = walks[id(root)] = (root, revision(), [list(nnx.iter_graph(root)), None])
     return hit[2]
 
 

@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 from jadapters._adapter_set import AdapterSet, AdapterSpec
-from jadapters._walks import iter_graph
+from jadapters._walks import paths_by_id
 from jadapters.adapters.base import stack_size
 from jadapters.kernels import kernel_layout
 from jadapters.registry import build_adapter
@@ -79,8 +79,8 @@ class NNXView:
 
     def hosts(self, group: str) -> dict[str, Any]:
         """``{host path: host module}`` of ``group``, in the model's order."""
-        paths = {id(node): path_str(path) for path, node in iter_graph(self.model)}
-        return {paths[id(h)]: h for h in self.model._group_modules(group)}
+        paths = paths_by_id(self.model)
+        return {path_str(paths[id(h)]): h for h in self.model._group_modules(group)}
 
     def in_group(self, group: str, path: str) -> bool:
         return group in self.groups() and path in self.hosts(group)
