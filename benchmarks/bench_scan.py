@@ -12,7 +12,8 @@ every layer; the memory rows also build it in NNX (``nnx.vmap``-created blocks r
    the LoRA factors only. Target: scanned temp bytes <= 1.10x the inline minimum (no copy of
    the base stack per adapter).
 2. compile time (trace + lower + XLA compile) of the scanned and the unrolled step at 4, 12
-   and 24 layers: the scanned one stays about flat as layers grow.
+   and 24 layers, and of the NNX scanned stack's ``nnx_train_step``: the scanned ones stay
+   about flat as layers grow.
 
     python benchmarks/bench_scan.py            # d=256, 12 layers
     python benchmarks/bench_scan.py --quick    # small sizes, a smoke test
@@ -169,6 +170,15 @@ def compile_seconds(model, pattern, width, layers, x) -> float:
     return time.perf_counter() - start
 
 
+def nnx_compile_seconds(width, layers, x) -> float:
+    """Seconds to trace, lower and compile ``nnx_adapter_step`` on a fresh NNX scanned stack."""
+    model = jadapters.adapter_transform(NNXScanned(width, layers), "layers/up")
+    model.add_adapter("lora", jadapters.LoRAConfig(rank=RANK), rngs=nnx.Rngs(1))
+    start = time.perf_counter()
+    nnx_adapter_step(model, x)
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=256)
@@ -216,12 +226,13 @@ def main(argv=None) -> int:
     print(f"\ncompile seconds (adapter step), min / median / max of {args.repeats} repeats")
     compile_rows = {}
     for layers in args.compile_layers:
-        times: dict[str, list[float]] = {"scanned": [], "unrolled": []}
+        times: dict[str, list[float]] = {"scanned": [], "unrolled": [], "scanned, NNX": []}
         for _ in range(args.repeats):  # interleaved
             times["scanned"].append(compile_seconds(Scanned, "layers/up", args.width, layers, x))
             times["unrolled"].append(
                 compile_seconds(Unrolled, r"layers_\d+/up", args.width, layers, x)
             )
+            times["scanned, NNX"].append(nnx_compile_seconds(args.width, layers, x))
         compile_rows[layers] = {k: sorted(v) for k, v in times.items()}
         line = "  ".join(
             f"{k} {min(v):5.2f} / {statistics.median(v):5.2f} / {max(v):5.2f}"
@@ -229,7 +240,7 @@ def main(argv=None) -> int:
         )
         print(f"  {layers:3d} layers: {line}")
     first, last = args.compile_layers[0], args.compile_layers[-1]
-    for kind in ("scanned", "unrolled"):
+    for kind in ("scanned", "unrolled", "scanned, NNX"):
         growth = statistics.median(compile_rows[last][kind]) / statistics.median(
             compile_rows[first][kind]
         )
