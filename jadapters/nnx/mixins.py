@@ -446,8 +446,9 @@ class AdapterModuleMixin:
           ValueError: if no adapter exists or ``name`` is unknown.
         """
         spec = self._adapter_set()._require(_bare(name))
-        self._set_adapter_set(self._adapter_set().remove(spec.name))
+        new_set = self._adapter_set().remove(spec.name)
         del self.adapter_layer[spec.name]
+        self._set_adapter_set(new_set)  # after the graph changed: walks made now are fresh
 
     def is_adapter_available(self) -> bool:
         """True when any adapter exists, enabled or not (NeMo's module semantics)."""
