@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import platform
 import statistics
@@ -29,6 +30,15 @@ def progress(what: str) -> None:
     """A line on stderr with the seconds since the start: a run stopped by a time limit (a
     lent GPU machine's) shows how far it got, and a log shows where the time went."""
     print(f"[{time.perf_counter() - _START:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+def save_partial(path: str | None, results: dict) -> None:
+    """Writes the results so far to ``path`` (if given) after each part, so that a run stopped
+    by a time limit keeps the parts it finished; the finished run writes them again."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        progress(f"results so far written to {path}")
 
 
 def optional_peer(name: str, extra: str = "bench"):

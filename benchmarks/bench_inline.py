@@ -69,6 +69,7 @@ try:
         full_gradient_step,
         machine_line,
         randomize,
+        save_partial,
         spread,
         time_rounds,
         token_data,
@@ -84,6 +85,7 @@ except ImportError:  # run as a script: python benchmarks/bench_inline.py
         full_gradient_step,
         machine_line,
         randomize,
+        save_partial,
         spread,
         time_rounds,
         token_data,
@@ -1224,11 +1226,14 @@ def run(args: argparse.Namespace) -> dict:
     for fw in _frameworks(args):
         if "main" in args.part:
             results[f"{fw}_main"] = (bench_linen_main if fw == "linen" else bench_nnx_main)(args)
+            save_partial(args.json, results)
         if "disabled" in args.part:
             fn = bench_disabled_linen if fw == "linen" else bench_disabled_nnx
             results[f"{fw}_disabled"] = fn(args)
+            save_partial(args.json, results)
         if "economy" in args.part:
             results[f"{fw}_economy"] = bench_economy(args, fw)
+            save_partial(args.json, results)
     return results
 
 

@@ -70,6 +70,7 @@ try:
         compile_rounds,
         copy_tree,
         machine_line,
+        save_partial,
         spread,
         time_rounds,
         token_data,
@@ -83,6 +84,7 @@ except ImportError:  # run as a script: python benchmarks/bench_routing.py
         compile_rounds,
         copy_tree,
         machine_line,
+        save_partial,
         spread,
         time_rounds,
         token_data,
@@ -658,13 +660,15 @@ def run(args: argparse.Namespace) -> dict:
         "machine": machine_line(),
         "targets": TARGETS,
     }
-    if args.framework in ("linen", "both"):
-        results["forward"] = bench_forward(args, s)
-        results["swap"] = bench_swap(args, s)
-        results["train"] = bench_train(args, s)
-    if args.framework in ("nnx", "both"):
-        results["nnx_forward"] = bench_forward_nnx(args, s)
-        results["nnx_swap"] = bench_swap_nnx(args, s)
+    parts = {
+        "linen": {"forward": bench_forward, "swap": bench_swap, "train": bench_train},
+        "nnx": {"nnx_forward": bench_forward_nnx, "nnx_swap": bench_swap_nnx},
+    }
+    for framework, benches in parts.items():
+        if args.framework in (framework, "both"):
+            for key, bench in benches.items():
+                results[key] = bench(args, s)
+                save_partial(args.json, results)
     return results
 
 
