@@ -11,7 +11,8 @@
 # Each part has its own time limit (seconds, from the environment: INLINE_TIMEOUT,
 # DISABLED_TIMEOUT, ROUTING_TIMEOUT). On an H200 the first run needed more than 150 s for each
 # main part, 100 s for the disabled part and more than 130 s for routing; the logs show the
-# progress with times (stderr), so a part stopped by its limit shows how far it got.
+# progress with times (stderr), and each JSON holds the sections finished so far, so a part
+# stopped by its limit shows how far it got and keeps what it measured.
 set -uo pipefail
 out="${1:-gpu-results}"
 shift || true
