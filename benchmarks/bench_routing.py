@@ -30,8 +30,9 @@ Measured, each comparison timed interleaved:
 6. NNX (``NNXTransformer``, the same adapters): the forward of a mixed batch over 8 and 64
    adapters / one adapter (<= 1.06, <= 1.10), both through ``jadapters.nnx_forward``, after
    asserting each routed example equals it alone through the one-adapter model holding its
-   slot's weights; and the hot swap of 4. into the NNX model in place, under an
-   ``nnx_forward`` that must not trace again. ``--framework linen`` or ``nnx`` runs one
+   slot's weights; the hot swap of 4. into the NNX model in place, under an ``nnx_forward``
+   that must not trace again; and the training of 5. through ``nnx_train_step``, checked the
+   same way. ``--framework linen`` or ``nnx`` runs one
    front-end's part.
 
 Every comparison runs ``--rounds`` rounds; each round gives a median per variant and so one
@@ -525,6 +526,86 @@ def bench_train(args, s) -> dict:
     return {"comparisons": [compare(what, rounds, "mixed", "singles", None)]}
 
 
+def bench_train_nnx(args, s) -> dict:
+    """NNX: one mixed ``nnx_train_step`` over N adapters vs N single-adapter steps, each on
+    its own model and optimizer, on the same examples."""
+    n = min(args.sizes)
+    x, y = s["x"], s["y"]
+    ids = jnp.asarray(np.arange(args.batch) % n, jnp.int32)  # every adapter has examples
+    configs = {
+        name: jadapters.AdapterBankConfig(adapter=cfg, slots=n)
+        for name, cfg in _configs(args).items()
+    }
+
+    def weights(model):
+        return nnx.to_pure_dict(nnx.state(model, jadapters.AdapterParam))
+
+    def set_weights(model, pure):
+        state = nnx.state(model, jadapters.AdapterParam)
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(model, state)
+
+    def models():
+        """The bank model (random slots) and one ordinary model per slot, holding its weights."""
+        bank = _nnx_model(args, configs)
+        set_weights(bank, _randomize(weights(bank), n))
+        tenants = [_nnx_model(args, _configs(args)) for _ in range(n)]
+        for k, tenant in enumerate(tenants):
+            set_weights(tenant, one_slot(weights(bank), k))
+        return bank, tenants
+
+    def mixed_loss(model, batch):
+        with jadapters.route(batch[2]):
+            return _sum_xent(model(batch[0]), batch[1])
+
+    def single_loss(model, batch):
+        return _sum_xent(model(batch[0]), batch[1])
+
+    parts = [(x[r], y[r]) for r in (np.flatnonzero(np.asarray(ids) == k) for k in range(n))]
+    # correctness first, with SGD (see bench_train): one mixed step moves each slot as the
+    # slot's own step on its own examples moves that adapter
+    sgd = optax.sgd(1e-3)
+    bank, tenants = models()
+    jadapters.nnx_train_step(mixed_loss)(bank, jadapters.adapter_optimizer(bank, sgd), (x, y, ids))
+    for k, (tenant, part) in enumerate(zip(tenants, parts, strict=True)):
+        jadapters.nnx_train_step(single_loss)(
+            tenant, jadapters.adapter_optimizer(tenant, sgd), part
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+            one_slot(weights(bank), k),
+            weights(tenant),
+        )
+    adam = optax.adam(1e-3)
+    bank, tenants = models()
+    mixed = (
+        jadapters.nnx_train_step(mixed_loss),
+        bank,
+        jadapters.adapter_optimizer(bank, adam),
+        (x, y, ids),
+    )
+    singles = [  # one step per tenant: a compiled step keeps the split of its last model
+        (jadapters.nnx_train_step(single_loss), t, jadapters.adapter_optimizer(t, adam), part)
+        for t, part in zip(tenants, parts, strict=True)
+    ]
+
+    def run(*calls):
+        for step, model, optimizer, batch in calls:
+            jax.block_until_ready(step(model, optimizer, batch))
+
+    rounds = time_rounds(
+        {"mixed": lambda: run(mixed), "singles": lambda: run(*singles)},
+        rounds=args.rounds,
+        warmup=args.warmup,
+        steps=args.steps,
+    )
+    what = (
+        f"NNX train step (Adam, nnx_train_step), one mixed step over {n} adapters / "
+        f"{n} single-adapter steps"
+    )
+    return {"comparisons": [compare(what, rounds, "mixed", "singles", None)]}
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -585,6 +666,8 @@ def table(results: dict) -> str:
         lines += [_row(c) for c in results["train"]["comparisons"]]
     if "nnx_forward" in results:
         lines += [_row(c) for c in results["nnx_forward"]["comparisons"]]
+    if "nnx_train" in results:
+        lines += [_row(c) for c in results["nnx_train"]["comparisons"]]
     lines.append("")
     if "forward" in results:
         lines += _linen_notes(results)
@@ -662,7 +745,11 @@ def run(args: argparse.Namespace) -> dict:
     }
     parts = {
         "linen": {"forward": bench_forward, "swap": bench_swap, "train": bench_train},
-        "nnx": {"nnx_forward": bench_forward_nnx, "nnx_swap": bench_swap_nnx},
+        "nnx": {
+            "nnx_forward": bench_forward_nnx,
+            "nnx_swap": bench_swap_nnx,
+            "nnx_train": bench_train_nnx,
+        },
     }
     for framework, benches in parts.items():
         if args.framework in (framework, "both"):
