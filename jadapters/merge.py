@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jadapters._adapter_set import AdapterSpec
+from jadapters._walks import shared
 from jadapters.adapters.base import stack_size
 from jadapters.composition import check_foldable
 from jadapters.kernels import KernelLayout
@@ -185,6 +186,7 @@ def _fold_stack(view, path, base, layout, entries, gates):
     return jnp.stack(kernels), None if bias is None else jnp.stack(biases)
 
 
+@shared
 def merge_adapters(
     model: Any,
     variables: Mapping | None = None,

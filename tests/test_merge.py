@@ -176,3 +176,28 @@ def test_linen_merge_needs_the_variables_of_an_adapted_model(key):
         jadapters.merge_adapters(adapted)
     with pytest.raises(ValueError, match="must be an adapted Linen or NNX model"):
         jadapters.merge_adapters(nn.Dense(3), variables)
+
+
+def test_nnx_merge_walks_the_graph_once(monkeypatch):
+    """Merging asks for each host's base and adapters; the NNX model's graph is walked once
+    for the whole merge (it was walked 175 times for LoRA on 8 projections), and the merged
+    model still computes what the unmerged one did."""
+    from jadapters.demo.models import NNXTransformer
+
+    model = NNXTransformer(
+        8, rngs=nnx.Rngs(0), num_classes=10, d_model=16, num_layers=4, num_heads=2, mlp_dim=32
+    )
+    jadapters.adapter_transform(model, {"attn": r"blocks/\d+/attn/(query|value)"})
+    model.add_adapter("attn:l", LoRAConfig(rank=2), rngs=nnx.Rngs(2))
+    nnx.update(model, merge_noise(nnx.state(model, jadapters.AdapterParam)))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8)), jnp.float32)
+    before = model(x)
+    walked = []
+    walk = nnx.iter_graph
+    monkeypatch.setattr(nnx, "iter_graph", lambda root: walked.append(root) or walk(root))
+    merged = jadapters.merge_adapters(model)
+    assert len(walked) == 1
+    monkeypatch.undo()
+    nnx.update(model, merged)
+    model.set_enabled_adapters(enabled=False)
+    np.testing.assert_allclose(model(x), before, rtol=1e-5, atol=1e-5)
