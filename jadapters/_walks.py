@@ -3,9 +3,9 @@
 Finding an NNX model's hosts, adapters and paths walks its whole graph (``nnx.iter_graph``),
 and one operation asks many times: putting one adapter into a slot of two banks asked 30
 times, each walk visiting every module and variable of the model (a merge asked 175 times).
-Inside :func:`shared` (the slot functions, adapter checkpoints and merges run in it), a model
-is walked once per adapter revision; outside it, every walk is fresh, so that a user's own
-changes to the graph between calls are always seen.
+Inside :func:`shared` (the slot functions, adapter checkpoints, merges and PEFT exchange run
+in it), a model is walked once per adapter revision; outside it, every walk is fresh, so
+that a user's own changes to the graph between calls are always seen.
 
 The revision is a number that changes whenever any module's adapters are added, removed,
 enabled or disabled: a cheap token for caches of a model's graph (this one, and the split of

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jadapters._adapter_set import AdapterSpec, split_qualified_name
+from jadapters._walks import shared
 from jadapters.adapters.ia3 import IA3Config
 from jadapters.adapters.lora import LoRAConfig
 from jadapters.interop import files
@@ -338,6 +339,7 @@ def _check_selects_exactly(known: Mapping[str, str], targets, feedforward, heads
             )
 
 
+@shared
 def export_peft(
     path: Any,
     model: Any,
@@ -662,6 +664,7 @@ def _param_dtype(tensor_file, modules) -> str:
     return "float32"
 
 
+@shared
 def import_peft(
     path: Any,
     model: Any,
