@@ -285,6 +285,26 @@ def _routed(model, x, ids):
         return model(x)
 
 
+def _banks(args, n: int) -> dict[str, Any]:
+    """The adapters of ``_configs`` as banks of ``n`` slots."""
+    return {
+        name: jadapters.AdapterBankConfig(adapter=cfg, slots=n)
+        for name, cfg in _configs(args).items()
+    }
+
+
+def _weights(model) -> dict:
+    """An NNX model's adapter weights as a pure dict."""
+    return nnx.to_pure_dict(nnx.state(model, jadapters.AdapterParam))
+
+
+def _set_weights(model, pure: dict) -> None:
+    """Sets an NNX model's adapter weights from a pure dict (as :func:`_weights` gives)."""
+    state = nnx.state(model, jadapters.AdapterParam)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
 def bench_forward_nnx(args, s) -> dict:
     """NNX: a mixed batch through a bank of N vs one adapter, each through
     ``jadapters.nnx_forward`` (split once; the ids are traced data)."""
@@ -293,23 +313,15 @@ def bench_forward_nnx(args, s) -> dict:
     one_fwd = jadapters.nnx_forward()
     checks, comparisons = {}, []
     for n in args.sizes:
-        configs = {
-            name: jadapters.AdapterBankConfig(adapter=cfg, slots=n)
-            for name, cfg in _configs(args).items()
-        }
-        model = _nnx_model(args, configs)
-        state = nnx.state(model, jadapters.AdapterParam)
-        adapters = _randomize(nnx.to_pure_dict(state), n)
-        nnx.replace_by_pure_dict(state, adapters)
-        nnx.update(model, state)
+        model = _nnx_model(args, _banks(args, n))
+        adapters = _randomize(_weights(model), n)
+        _set_weights(model, adapters)
         ids = s["banks"][n]["ids"]
         fwd = jadapters.nnx_forward(_routed)
         routed = np.asarray(fwd(model, x, ids))
 
         def use(slot: int, adapters=adapters) -> None:
-            state = nnx.state(one, jadapters.AdapterParam)
-            nnx.replace_by_pure_dict(state, one_slot(adapters, slot))
-            nnx.update(one, state)
+            _set_weights(one, one_slot(adapters, slot))
 
         alone = []
         for slot in np.unique(ids):  # each slot's examples, through the one-adapter model
@@ -402,14 +414,8 @@ def bench_swap_nnx(args, s) -> dict:
     has compiled vs a full compile of that forward; the forward must not trace again."""
     n = min(args.sizes)
     x, ids = s["x"], s["banks"][n]["ids"]
-    configs = {
-        name: jadapters.AdapterBankConfig(adapter=cfg, slots=n)
-        for name, cfg in _configs(args).items()
-    }
-    model = _nnx_model(args, configs)
-    state = nnx.state(model, jadapters.AdapterParam)
-    nnx.replace_by_pure_dict(state, _randomize(nnx.to_pure_dict(state), n))
-    nnx.update(model, state)
+    model = _nnx_model(args, _banks(args, n))
+    _set_weights(model, _randomize(_weights(model), n))
     traces = []
 
     def routed(model, x, ids):
@@ -420,9 +426,7 @@ def bench_swap_nnx(args, s) -> dict:
     before = np.asarray(fwd(model, x, ids))
     # a new adapter, trained elsewhere as an ordinary adapter and saved: stand-in weights
     one = _nnx_model(args, _configs(args))
-    state = nnx.state(one, jadapters.AdapterParam)
-    nnx.replace_by_pure_dict(state, _randomize(nnx.to_pure_dict(state), 1234))
-    nnx.update(one, state)
+    _set_weights(one, _randomize(_weights(one), 1234))
     path = os.path.join(tempfile.mkdtemp(), "new")
     jadapters.save_adapters(path, one, name=["lora", "bottleneck"])
     slot = int(ids[0])
@@ -532,26 +536,14 @@ def bench_train_nnx(args, s) -> dict:
     n = min(args.sizes)
     x, y = s["x"], s["y"]
     ids = jnp.asarray(np.arange(args.batch) % n, jnp.int32)  # every adapter has examples
-    configs = {
-        name: jadapters.AdapterBankConfig(adapter=cfg, slots=n)
-        for name, cfg in _configs(args).items()
-    }
-
-    def weights(model):
-        return nnx.to_pure_dict(nnx.state(model, jadapters.AdapterParam))
-
-    def set_weights(model, pure):
-        state = nnx.state(model, jadapters.AdapterParam)
-        nnx.replace_by_pure_dict(state, pure)
-        nnx.update(model, state)
 
     def models():
         """The bank model (random slots) and one ordinary model per slot, holding its weights."""
-        bank = _nnx_model(args, configs)
-        set_weights(bank, _randomize(weights(bank), n))
+        bank = _nnx_model(args, _banks(args, n))
+        _set_weights(bank, _randomize(_weights(bank), n))
         tenants = [_nnx_model(args, _configs(args)) for _ in range(n)]
         for k, tenant in enumerate(tenants):
-            set_weights(tenant, one_slot(weights(bank), k))
+            _set_weights(tenant, one_slot(_weights(bank), k))
         return bank, tenants
 
     def mixed_loss(model, batch):
@@ -573,8 +565,8 @@ def bench_train_nnx(args, s) -> dict:
         )
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-            one_slot(weights(bank), k),
-            weights(tenant),
+            one_slot(_weights(bank), k),
+            _weights(tenant),
         )
     adam = optax.adam(1e-3)
     bank, tenants = models()
