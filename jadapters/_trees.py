@@ -30,6 +30,18 @@ def subtree(tree: Any, path: str) -> Any:
     return node
 
 
+def get_in(tree: Mapping, keys: Sequence[str]) -> Any:
+    """The node of nested dict ``tree`` at ``keys``, which must be there (:func:`subtree`
+    for a ``"/"``-joined path that may not be).
+
+    >>> get_in({"a": {"b": 1}}, ("a", "b"))
+    1
+    """
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
 def set_in(tree: Mapping, keys: Sequence[str], value: Any) -> dict:
     """A copy of ``tree`` with ``value`` at ``keys`` (``value`` itself for no keys); only the
     dicts on the path are copied.

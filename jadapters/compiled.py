@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jadapters._trees import path_keys, set_in
+from jadapters._trees import get_in, path_keys, set_in
 from jadapters.storage import ADAPTER_COLLECTION, NNX_ADAPTER_ATTR
 from jadapters.view import view_of
 
@@ -61,6 +61,8 @@ def _frozen(value: Any) -> Any:
 def split_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple, dict]:
     """``(static, dynamic)``: the static keywords as a sorted, hashable tuple of pairs (lists
     become tuples), and the rest, which the compiled call traces."""
+    if not kwargs:  # the common call, on every call: nothing to sort
+        return (), {}
     static = tuple(sorted((k, _frozen(v)) for k, v in kwargs.items() if _is_static(v)))
     dynamic = {k: v for k, v in kwargs.items() if not _is_static(v)}
     return static, dynamic
@@ -96,7 +98,7 @@ class DisabledWeights:
         """``adapters`` with the weights :meth:`park` took out put back (the same arrays)."""
         for keys, node in parked:
             # the host's dict as given, its enabled adapters' weights replaced by the new ones
-            adapters = set_in(adapters, keys, {**node, **_at(adapters, keys)})
+            adapters = set_in(adapters, keys, {**node, **get_in(adapters, keys)})
         return adapters
 
 
@@ -150,12 +152,6 @@ def _drop(tree: Mapping, plan: Mapping[str, Any], keys: tuple, parked: list | No
     return out
 
 
-def _at(tree: Any, keys: tuple) -> Any:
-    for key in keys:
-        tree = tree[key]
-    return tree
-
-
 def _disabled_hosts(adapted: Any, adapters: Any) -> dict[str, frozenset[str]]:
     """``{host path: names}`` of the disabled adapters' weights in a Linen adapter tree."""
     off = [spec for spec in adapted.adapters.specs if not spec.enabled]
@@ -193,7 +189,7 @@ class LinenForward:
             active, _ = self._disabled.park(adapters, keep=False)
             if active is not adapters:
                 variables = {**variables, ADAPTER_COLLECTION: active}
-        static, dynamic = split_kwargs(kwargs) if kwargs else ((), kwargs)
+        static, dynamic = split_kwargs(kwargs)
         compiled = self._compiled.get(static)
         if compiled is None:
             apply, fixed = self.adapted.apply, dict(static)
@@ -486,7 +482,7 @@ class NNXForward:
         return self.fn(model, *positional, **kwargs)
 
     def __call__(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        static, dynamic = split_kwargs(kwargs) if kwargs else ((), kwargs)
+        static, dynamic = split_kwargs(kwargs)
         return self._split(model, (), (args, dynamic), static)
 
     def lower(self, model: Any, *args: Any, **kwargs: Any) -> Any:

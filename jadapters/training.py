@@ -355,20 +355,22 @@ class NNXTrainStep:
     """A compiled adapter-only training step for an adapted NNX model; see
     :func:`nnx_train_step`.
 
-    ``step(model, optimizer, batch) -> metrics`` updates ``model`` and ``optimizer`` in place. The
-    first call for a (model, optimizer) pair splits their graphs once into the frozen base
-    (``nnx.Param``), the disabled adapters' weights, the rest of the model (enabled adapters'
-    weights, RNG counters, statistics) and the optimizer's state, and keeps the live variables of
-    each part. Every call then reads their arrays, runs one ``jax.jit``-compiled pure function and
-    writes back the optimizer's state and what changed in the model's rest (the trained weights, RNG
-    counters that advanced). The base is an input only, never an output: the compiled step neither
-    copies it nor holds a second one in memory. Disabled adapters are not even inputs (they run
-    nowhere), so the per-call cost does not grow with the adapters added and left disabled, nor with
-    the graph's Python objects. The split is redone when the adapters change (add, remove, enable,
-    disable) or a mode flag changes (``model.train()``/``eval()``, BatchNorm's
+    ``step(model, optimizer, batch) -> metrics`` updates ``model`` and ``optimizer`` in
+    place. The first call for a (model, optimizer) pair splits their graphs once into the
+    frozen base (``nnx.Param``), the disabled adapters' weights, the rest of the model
+    (enabled adapters' weights, RNG counters, statistics) and the optimizer's state, and
+    keeps the live variables of each part. Every call then reads their arrays, runs one
+    ``jax.jit``-compiled pure function and writes back the optimizer's state and what
+    changed in the model's rest (the trained weights, RNG counters that advanced). The base
+    is an input only, never an output: the compiled step neither copies it nor holds a
+    second one in memory. Disabled adapters are not even inputs (they run nowhere), so the
+    per-call cost does not grow with the adapters added and left disabled, nor with the
+    graph's Python objects. The split is redone when the adapters change (add, remove,
+    enable, disable) or a mode flag changes (``model.train()``/``eval()``, BatchNorm's
     ``use_running_average``). After any other change to what the step computes (replacing a
-    submodule, setting a Python attribute a module branches on), call :meth:`reset`. (The machinery
-    is :class:`jadapters.compiled.SplitOnce`, which :func:`jadapters.nnx_forward` shares.)
+    submodule, setting a Python attribute a module branches on), call :meth:`reset`. (The
+    machinery is :class:`jadapters.compiled.SplitOnce`, which :func:`jadapters.nnx_forward`
+    shares.)
 
     The optimizer must be one built for exactly the enabled adapters (same names, same weight
     shapes): its state belongs to them. Otherwise the step raises ``ValueError`` before
