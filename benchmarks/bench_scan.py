@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 import jadapters
+from jadapters.demo.models import NNXLayerStack
 
 try:
     from benchmarks._common import machine_line
@@ -91,23 +92,11 @@ class NNXBlock(nnx.Module):
         return x + self.down(nnx.gelu(self.up(self.norm(x))))
 
 
-class NNXScanned(nnx.Module):
+class NNXScanned(NNXLayerStack):
     """The stack built with ``nnx.vmap`` and run with ``nnx.scan`` (MaxText's NNX pattern)."""
 
     def __init__(self, width: int, layers: int):
-        @nnx.split_rngs(splits=layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def create(rngs):
-            return NNXBlock(width, rngs)
-
-        self.layers = create(nnx.Rngs(0))
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
+        super().__init__(lambda rngs: NNXBlock(width, rngs), layers)
 
 
 def nnx_adapter_step(model, x):

@@ -34,7 +34,13 @@ import numpy as np
 from flax import nnx
 
 import jadapters
-from jadapters.demo.models import LinenConvNet, LinenTransformer, NNXConvNet, NNXTransformer
+from jadapters.demo.models import (
+    LinenConvNet,
+    LinenTransformer,
+    NNXConvNet,
+    NNXLayerStack,
+    NNXTransformer,
+)
 from jadapters.losses import AUX_LOSS_COLLECTION, AdapterLoss
 from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.view import view_of
@@ -254,23 +260,11 @@ class NNXScanBlock(nnx.Module):
         return self.mlp(x)
 
 
-class NNXScanStack(nnx.Module):
+class NNXScanStack(NNXLayerStack):
     """Three blocks created with ``nnx.vmap`` and run with ``nnx.scan`` (Flax's recipe)."""
 
     def __init__(self):
-        @nnx.split_rngs(splits=3)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def create(rngs):
-            return NNXScanBlock(rngs)
-
-        self.layers = create(nnx.Rngs(0))
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
+        super().__init__(NNXScanBlock, 3)
 
 
 # --- the reference: an unadapted model ----------------------------------------------------------

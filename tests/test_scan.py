@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import jadapters
+from jadapters.demo.models import NNXLayerStack
 
 L = 4
 SEL = (2, 3)  # the last two layers
@@ -210,23 +211,10 @@ class NNXBlock(nnx.Module):
         return jnp.tanh(self.mlp(x))
 
 
-class NNXScanned(nnx.Module):
+class NNXScanned(NNXLayerStack):
     def __init__(self, partitioned=False, layer_name=None):  # layer_name: the stack's axis
         metadata = {nnx.PARTITION_NAME: layer_name} if layer_name else {}
-
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=metadata)
-        def create(rngs):
-            return NNXBlock(rngs, partitioned)
-
-        self.layers = create(nnx.Rngs(0))
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, block):
-            return block(x)
-
-        return body(x, self.layers)
+        super().__init__(lambda rngs: NNXBlock(rngs, partitioned), L, transform_metadata=metadata)
 
 
 class NNXUnrolled(nnx.Module):

@@ -180,3 +180,34 @@ class NNXConvNet(nnx.Module):
         x = nnx.relu(self.bn_0(self.conv_0(x)))
         x = nnx.relu(self.bn_1(self.conv_1(x)))
         return self.head(x.mean(axis=(1, 2)))
+
+
+class NNXLayerStack(nnx.Module):
+    """``layers`` blocks created with ``nnx.vmap`` and run with ``nnx.scan``: Flax's recipe for
+    a scanned layer stack (MaxText's NNX pattern). One block's weights are stacked on a
+    leading axis of size ``layers``, at path ``layers``.
+
+    ``make_block(rngs)`` builds one block, which maps ``x`` to an ``x`` of the same shape;
+    ``transform_metadata`` goes to ``nnx.vmap`` (``{nnx.PARTITION_NAME: "layers"}`` names the
+    stack's axis in the weights' sharding annotations).
+
+    >>> from flax import nnx
+    >>> stack = NNXLayerStack(lambda rngs: nnx.Linear(2, 2, rngs=rngs), 3)
+    >>> stack.layers.kernel.shape
+    (3, 2, 2)
+    """
+
+    def __init__(self, make_block, layers: int, *, seed: int = 0, transform_metadata=None):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=transform_metadata or {})
+        def create(rngs):
+            return make_block(rngs)
+
+        self.layers = create(nnx.Rngs(seed))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.layers)
