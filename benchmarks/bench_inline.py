@@ -733,6 +733,50 @@ def _program(compiled: Any) -> dict[str, Any]:
     return {"ops": ops, "flops": cost.get("flops"), "bytes": cost.get("bytes accessed")}
 
 
+_NOT_KERNELS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element"}
+
+
+def _kernels(compiled: Any) -> int:
+    """How many operations a compiled program's entry computation launches: its fusions,
+    dots and other kernels (parameters, constants, bitcasts and tuples aside). XLA compiles
+    each kernel on its own, so its compile time grows with their number."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY") :]
+    ops = re.findall(r"=\s*\S+\s+([a-z\-]+)\(", entry)
+    return sum(op not in _NOT_KERNELS for op in ops)
+
+
+def _cost(compiled: Any, what: str) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)[what]
+
+
+def floors(steps: dict[str, Any], forwards: dict[str, Any]) -> dict[str, Any]:
+    """What the two "vs full fine-tuning / vs base" targets can reach at best, from the
+    compiled programs themselves (XLA's own counts, no timing).
+
+    Args:
+      steps: ``jadapters``, ``inline`` and ``full`` compiled training steps.
+      forwards: ``jadapters``, ``inline`` and ``base`` compiled forwards.
+
+    Returns:
+      Each adapter step's flops and bytes accessed over the full fine-tuning step's (an
+      exact adapter step must still compute every activation gradient, and the attention
+      products' gradients are all activation gradients), and each forward's kernel count.
+    """
+    ratios = {
+        what: {
+            n: _cost(steps[n], what) / _cost(steps["full"], what) for n in ("jadapters", "inline")
+        }
+        for what in ("flops", "bytes accessed")
+    }
+    return {
+        "step_flops_vs_full": ratios["flops"],
+        "step_bytes_vs_full": ratios["bytes accessed"],
+        "forward_kernels": {n: _kernels(c) for n, c in forwards.items()},
+    }
+
+
 def _same_program(ours: Any, inline: Any) -> dict[str, Any]:
     a, b = _program(ours), _program(inline)
     return {
@@ -816,12 +860,18 @@ def bench_linen_main(args) -> dict:
 
     ours_fwd = jax.jit(lambda v, x: s.adapted.apply(v, x))
     inline_fwd = jax.jit(lambda p, a, x: s.inline.apply(p, x, a))
-    checks.update(
-        _same_program(
-            ours_fwd.lower(variables, s.x).compile(),
-            inline_fwd.lower(s.base, s.inline_adapters, s.x).compile(),
-        )
-    )
+    forwards = {
+        "jadapters": ours_fwd.lower(variables, s.x).compile(),
+        "inline": inline_fwd.lower(s.base, s.inline_adapters, s.x).compile(),
+        "base": jax.jit(lambda p, x: s.model.apply(p, x)).lower(s.base, s.x).compile(),
+    }
+    checks.update(_same_program(forwards["jadapters"], forwards["inline"]))
+    steppers = _linen_steppers(s, adam)
+    programs = {
+        name: _lowerable(st.step).lower(*st.state, *st.consts).compile()
+        for name, st in steppers.items()
+    }
+    checks["floors"] = floors(programs, forwards)
     timing = dict(rounds=args.rounds, warmup=args.warmup, steps=args.steps)
     forward = time_rounds(
         {
@@ -830,7 +880,7 @@ def bench_linen_main(args) -> dict:
         },
         **timing,
     )
-    steps = time_rounds(_linen_steppers(s, adam), **timing)
+    steps = time_rounds(steppers, **timing)
     return {
         "checks": checks,
         "comparisons": _main_comparisons(
@@ -859,7 +909,7 @@ def bench_nnx_main(args) -> dict:
         args.compile_repeats,
     )
     model, optimizer, _, _ = _nnx_jadapters_step(s.adapted, adam, (s.x, s.y))
-    _, inline_state, inline_consts = nnx_functional_step(
+    inline_step, inline_state, inline_consts = nnx_functional_step(
         s.inline, InlineAdapterWeight, adam, s.x, s.y
     )
     compile_step = compile_rounds(
@@ -875,11 +925,15 @@ def bench_nnx_main(args) -> dict:
     )
 
     timing = dict(rounds=args.rounds, warmup=args.warmup, steps=args.steps)
-    checks.update(
-        _same_program(
-            *(jax.jit(fns[n]).lower(states[n], s.x).compile() for n in ("jadapters", "inline"))
-        )
-    )
+    forwards = {n: jax.jit(fns[n]).lower(states[n], s.x).compile() for n in fns}
+    checks.update(_same_program(forwards["jadapters"], forwards["inline"]))
+    full_step, full_state, full_consts = nnx_functional_step(s.base, nnx.Param, adam, s.x, s.y)
+    programs = {
+        "jadapters": jadapters.nnx_train_step(_nnx_loss).lower(model, optimizer, (s.x, s.y)),
+        "inline": inline_step.lower(*inline_state, *inline_consts),
+        "full": full_step.lower(*full_state, *full_consts),
+    }
+    checks["floors"] = floors({n: p.compile() for n, p in programs.items()}, forwards)
     forward = time_rounds(
         {
             name: _blocking(jax.jit(fns[name]), states[name], s.x)
@@ -1164,6 +1218,26 @@ def _checks_note(checks: dict) -> str:
     )
 
 
+def _floors_note(checks: dict) -> str:
+    f = checks.get("floors")
+    if not f:
+        return ""
+    flops, bytes_, kernels = (
+        f["step_flops_vs_full"],
+        f["step_bytes_vs_full"],
+        f["forward_kernels"],
+    )
+    return (
+        " What the compiled programs must do, by XLA's own counts: a training step over full "
+        f"fine-tuning's does {flops['jadapters']:.3f} of its flops and {bytes_['jadapters']:.3f} "
+        f"of its memory traffic (jadapters; inline {flops['inline']:.3f} and "
+        f"{bytes_['inline']:.3f}); the forward launches {kernels['jadapters']} kernels "
+        f"(jadapters), {kernels['inline']} (inline) and {kernels['base']} (base), "
+        f"{kernels['jadapters'] / kernels['base']:.2f}x the base's, and XLA compiles each "
+        "kernel on its own."
+    )
+
+
 def table(results: dict) -> str:
     """The results as markdown: one table per section."""
     a = results["args"]
@@ -1182,7 +1256,7 @@ def table(results: dict) -> str:
             lines += _section(
                 f"{names[fw]}: jadapters vs the inline adapter (the physical minimum)",
                 r["comparisons"],
-                [_checks_note(r["checks"])],
+                [_checks_note(r["checks"]) + _floors_note(r["checks"])],
             )
     disabled = [results[k] for k in ("linen_disabled", "nnx_disabled") if k in results]
     if disabled:
