@@ -583,6 +583,39 @@ def test_model_set_enabled_adapters(net, randomize_adapters):
         net.set_enabled_adapters("decoder:nope", False)
 
 
+def test_model_reports_what_its_hosts_run_after_a_host_level_switch(randomize_adapters):
+    """An adapter added through the model is enabled while one of its hosts runs it (NeMo's
+    union over modules); a host's own ``set_enabled_adapters`` used to leave the model saying
+    "enabled" after every host had turned it off."""
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(nnx.Linear(D, D, rngs=rngs), nnx.Linear(D, D, rngs=rngs))
+    model = jadapters.adapter_transform(model, r"layers/\d")
+    model.add_adapter("a", _cfg(), rngs=nnx.Rngs(1))
+    model.add_adapter("b", _cfg(), rngs=nnx.Rngs(2))
+    randomize_adapters(model)
+    first, second = model.layers
+    x = _x()
+    dense = lambda h, layer: h @ layer.kernel[...] + layer.bias[...].reshape(1, 1, -1)  # noqa: E731
+    base = dense(dense(x, first), second)
+
+    first.set_enabled_adapters("a", enabled=False)
+    assert model.get_enabled_adapters() == ["a", "b"]  # the second host still runs it
+    assert model.get_adapter_specs().get("a").enabled
+    second.set_enabled_adapters("a", enabled=False)
+    assert model.get_enabled_adapters() == ["b"]
+    assert not model.get_adapter_specs().get("a").enabled
+    trainable = _flat_paths(nnx.state(model, model.unfreeze_enabled_adapters()))
+    assert trainable and all("b" in path and "a" not in path for path in trainable)
+
+    model.set_enabled_adapters("a", enabled=True)  # the model's switch reaches every host
+    assert first.get_enabled_adapters() == second.get_enabled_adapters() == ["a", "b"]
+    first.set_enabled_adapters(enabled=False)
+    second.set_enabled_adapters(enabled=False)
+    assert model.get_enabled_adapters() == []
+    assert model.is_adapter_available()  # added still, only disabled
+    np.testing.assert_allclose(model(x), base, rtol=1e-6, atol=1e-6)
+
+
 def test_model_unfreeze_filter_covers_enabled_adapters_across_modules(net):
     net.add_adapter("encoder:e1", _cfg(), rngs=nnx.Rngs(1))
     net.add_adapter("decoder:d1", _cfg(), rngs=nnx.Rngs(2))

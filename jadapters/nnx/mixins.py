@@ -629,9 +629,10 @@ class AdapterModelMixin:
         check_name(bare)
         return path, bare, host
 
-    def _host_level_specs(self, model_set: AdapterSet) -> list[AdapterSpec]:
+    def _host_level_specs(self, model_set: AdapterSet) -> tuple[list[AdapterSpec], set[str]]:
         """The adapters added on a module itself (``module.add_adapter``), each with the
-        module's path as its group."""
+        module's path as its group; and the names of the model's own adapters that are
+        enabled at one of their hosts at least."""
         groups = self.adapter_module_names
         group_hosts = {
             group: {id(h) for h in self.adapter_group_modules(group)}
@@ -639,11 +640,14 @@ class AdapterModelMixin:
         }
         model_hosts = {spec.name: group_hosts[spec.group] for spec in model_set}
         out: list[AdapterSpec] = []
+        enabled: set[str] = set()
         seen: dict[str, str] = {s.name: s.qualified_name for s in model_set}
         for path, host in self._adapter_hosts().items():
             for spec in host._adapter_set():
                 if id(host) in model_hosts.get(spec.name, ()):
-                    continue  # added through the model, to its whole group
+                    if spec.enabled:  # added through the model, to its whole group
+                        enabled.add(spec.name)
+                    continue
                 qualified = f"{path}:{spec.name}"
                 if spec.name in seen:
                     raise ValueError(
@@ -662,7 +666,7 @@ class AdapterModelMixin:
                     )
                 seen[spec.name] = qualified
                 out.append(dataclasses.replace(spec, group=path))
-        return out
+        return out, enabled
 
     def add_adapter(
         self,
@@ -820,12 +824,21 @@ class AdapterModelMixin:
         group is that module's path (``"encoder"``, ``"blocks/0/mlp"``), so that the model's
         API addresses them as ``"encoder:name"``.
 
+        An adapter added through the model is enabled when it is enabled at one of its hosts
+        at least (NeMo's union over modules): its hosts are what runs, and a host's own
+        ``set_enabled_adapters`` changes them one by one.
+
         Raises:
           ValueError: if an adapter added on a module has the name of another adapter of the
             model.
         """
         model_set = self._model_adapter_set()
-        return AdapterSet(model_set.specs + tuple(self._host_level_specs(model_set)))
+        own, enabled = self._host_level_specs(model_set)
+        specs = tuple(
+            s if s.enabled == (s.name in enabled) else dataclasses.replace(s, enabled=not s.enabled)
+            for s in model_set
+        )
+        return AdapterSet(specs + tuple(own))
 
     def get_adapter_cfg(self, name: str) -> Any:
         """The config of adapter ``name`` (or ``"group:name"``); ``None`` if there is none."""
