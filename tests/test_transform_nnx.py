@@ -270,6 +270,21 @@ def test_a_new_adapter_joins_in_the_mode_of_the_others():
     assert len(jax.tree.leaves(nnx.pop(model, jadapters.AdapterLoss))) == 3  # a, b and c
 
 
+def test_the_first_adapter_joins_in_the_mode_eval_set_on_the_model(x):
+    """With no adapter yet, the mode comes from what ``eval()``/``train()`` set on the
+    model's dropout layers: after ``model.eval()`` a new adapter's dropout is off."""
+    model = jadapters.adapter_transform(_transformer(), TARGETS)  # dropout layers of rate 0
+    model.eval()
+    dropping = LinearAdapterConfig(dim=DIM, dropout=0.5)
+    model.add_adapter("mlp:d", dropping, rngs=nnx.Rngs(params=2, dropout=3))
+    model.add_adapter("blocks/0/attn/query:q", dropping, rngs=nnx.Rngs(params=4, dropout=5))
+    assert all(s.deterministic for s in model.get_adapter_modules("d").values())
+    _randomize_adapters(model)
+    np.testing.assert_array_equal(model(x), model(x))  # evaluation: no dropout anywhere
+    model.train()
+    assert not jnp.array_equal(model(x), model(x))  # the adapters' dropout draws again
+
+
 # --- adapters added on a host itself ---------------------------------------------------------
 
 

@@ -264,12 +264,25 @@ def _rename_axes(host: Any, path: str, rule: Any) -> None:
             name_axes(shell, names)
 
 
+_MODE_ATTRIBUTES = ("deterministic", "use_running_average")  # what eval() and train() set
+
+
 def _adapter_mode(root: Any) -> bool | None:
-    """``deterministic`` of the first adapter under ``root``, or ``None`` if it has none."""
+    """``deterministic`` for an adapter joining ``root``: that of the adapters already under
+    it; with none, the mode ``eval()`` or ``train()`` last set on the modules under it (the
+    boolean ``deterministic`` and ``use_running_average`` attributes of its dropout, batch
+    norm and attention layers), when they all agree; else ``None`` (NNX's default:
+    training)."""
+    modes = set()
     for _, node in nnx.iter_graph(root):
         if isinstance(node, NNXAdapter):
             return bool(node.deterministic)
-    return None
+        if isinstance(node, nnx.Module):
+            attributes = vars(node)
+            modes.update(
+                attributes[a] for a in _MODE_ATTRIBUTES if isinstance(attributes.get(a), bool)
+            )
+    return modes.pop() if len(modes) == 1 else None
 
 
 def _bare(name: str) -> str:
@@ -351,6 +364,13 @@ class AdapterModuleMixin:
         named ``"<this module's path>:name"`` there (saved, loaded, trained and listed with the
         model's others), so ``name`` must be unique across the model.
 
+        The adapter starts in the mode of the adapters already under this module, or else in
+        the mode ``eval()``/``train()`` last set on the dropout and normalization layers under
+        it; with neither, training, as NNX modules start. This module cannot see the rest of
+        the model: after ``model.eval()``, add through the model
+        (``model.add_adapter("<path>:name", ...)`` reads the whole model's mode) or call
+        ``eval()`` again.
+
         Args:
           name: unique name; ``"module:name"`` is accepted and the module part dropped.
           cfg: an adapter config (e.g. ``LinearAdapterConfig(dim=8)``) or adapter module.
@@ -429,8 +449,9 @@ class AdapterModuleMixin:
         return shell, new_set
 
     def _attach_adapter(self, shell: NNXAdapter, new_set: AdapterSet, mode=None) -> None:
-        # A new adapter joins in the mode of those already there (model.eval() before an
-        # add must not leave the new one training); with none, NNX's default: training.
+        # A new adapter joins in the mode of those already there, or of the dropout and
+        # normalization layers (model.eval() before an add must not leave the new one
+        # training); with neither, NNX's default: training.
         mode = _adapter_mode(self) if mode is None else mode
         if mode is not None:
             shell.deterministic = mode
@@ -684,6 +705,10 @@ class AdapterModelMixin:
         ``module`` may also be the path of one adapter-capable module inside the model
         (``"blocks/0/mlp:name"``): the adapter then goes on that module alone, exactly as
         ``module.add_adapter(name, ...)`` on it would.
+
+        New adapters start in the model's mode: that of its adapters, or else the one
+        ``model.eval()``/``model.train()`` last set on its dropout and normalization layers
+        (training when they disagree or there are none).
 
         Raises:
           ValueError: for an unknown module (listing the valid ones), a bare name on a model
