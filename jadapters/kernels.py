@@ -4,8 +4,8 @@ A :class:`KernelLayout` says which kernel axes meet the input. Weight adapters (
 kernel as a matrix ``(in_features, out_features)``: the contracted axes flattened into rows,
 the rest into columns. The layout turns a flat update back into the kernel's shape (for
 merging) and runs an input through a flat update (for training and unmerged inference).
-Linen ``Dense``/``DenseGeneral``/``Einsum`` and NNX ``Linear``/``LinearGeneral``/``Einsum``
-are recognized.
+Linen ``Dense``/``DenseGeneral``/``Einsum``, NNX ``Linear``/``LinearGeneral``/``Einsum`` and
+Hugging Face's Flax ``FlaxConv1D`` (GPT-2's projections) are recognized.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ class KernelLayout:
     in_dims: tuple[int, ...]
     x_axes: tuple[int, ...] = ()
     einsum_str: str | None = None
+
+    @property
+    def out_first(self) -> bool:
+        """A matrix kernel stored ``(out_features, in_features)``, as Hugging Face's Flax
+        GPT-2 stores its projections (``FlaxConv1D``)."""
+        return self.einsum_str is None and len(self.kernel_shape) == 2 and self.in_dims == (1,)
 
     @property
     def out_dims(self) -> tuple[int, ...]:
@@ -86,6 +92,41 @@ def _dense_general_layout(axis: Any, kernel_shape: tuple[int, ...], where: str) 
     return KernelLayout(tuple(kernel_shape), tuple(range(len(axes))), axes, None)
 
 
+def _is_hf_conv1d(host: Any) -> bool:
+    """Hugging Face's Flax ``FlaxConv1D`` (GPT-2): a Dense whose kernel is stored
+    ``(features, in_features)`` and used transposed. Recognized by its class, so that
+    transformers is never imported."""
+    cls = type(host)
+    return (
+        isinstance(host, nn.Module)
+        and cls.__name__ == "FlaxConv1D"
+        and cls.__module__.startswith("transformers.")
+    )
+
+
+# The Python modules that define Hugging Face's FlaxConv1D and the models built with it.
+_HF_CONV1D_MODULES = frozenset({"transformers.models.gpt2.modeling_flax_gpt2"})
+
+
+def may_hold_transposed_kernels(module: Any, _depth: int = 0) -> bool:
+    """Whether a Linen ``module`` may hold kernels stored ``(out, in)``: it, or a Linen module
+    among its dataclass fields (at any depth), is one of Hugging Face's Flax GPT-2 modules,
+    whose projections are ``FlaxConv1D``. Submodules created inside a compact ``__call__``
+    are not visible before the module runs."""
+    if type(module).__module__ in _HF_CONV1D_MODULES:
+        return True
+    if _depth > 16 or not isinstance(module, nn.Module):
+        return False
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name, None)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(
+            isinstance(v, nn.Module) and may_hold_transposed_kernels(v, _depth + 1) for v in values
+        ):
+            return True
+    return False
+
+
 def kernel_layout(
     host: Any, kernel_shape: tuple[int, ...] | None = None, *, stacked: bool = False
 ) -> KernelLayout:
@@ -115,12 +156,15 @@ def kernel_layout(
         return _dense_general_layout(host.axis, kernel_shape, name)
     if isinstance(host, (nn.Einsum, nnx.Einsum)):
         return _einsum_layout(host.einsum_str, kernel_shape)
+    if _is_hf_conv1d(host) and len(kernel_shape) == 2:
+        return KernelLayout(tuple(kernel_shape), (1,), (-1,), None)
     raise _unsupported(host)
 
 
 def _unsupported(host: Any) -> ValueError:
     return ValueError(
         f"weight adapters (LoRA) need a Dense-like host with a kernel (Linen Dense, "
-        f"DenseGeneral, Einsum; NNX Linear, LinearGeneral, Einsum), got {type(host).__name__}. "
+        f"DenseGeneral, Einsum, Hugging Face FlaxConv1D; NNX Linear, LinearGeneral, Einsum), "
+        f"got {type(host).__name__}. "
         "Target those submodules, or use insertion='output'/'parallel'."
     )

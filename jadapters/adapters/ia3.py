@@ -77,7 +77,8 @@ class IA3(nn.Module, AdapterMath):
         super().__post_init__()
 
     def fold(self, params, kernel, bias, layout, *, factor):
-        """Scales the kernel's (and bias's) last axis by ``1 + factor * (l - 1)``.
+        """Scales the kernel axis that makes the output's last axis (the kernel's last, or
+        its first for a kernel stored ``(out, in)``), and the bias, by ``1 + factor * (l - 1)``.
 
         Raises:
           ValueError: for an Einsum host whose output's last axis is not its kernel's last.
@@ -93,7 +94,8 @@ class IA3(nn.Module, AdapterMath):
                 )
         scale = 1.0 + factor * (params["scale"].astype(jnp.float32) - 1.0)
         # Broadcast explicitly: rank promotion may be configured to raise.
-        kernel = kernel * scale.reshape((1,) * (kernel.ndim - 1) + (-1,))
+        axis = kernel.ndim - 1 if layout.einsum_str is not None else layout.out_dims[-1]
+        kernel = kernel * scale.reshape(tuple(-1 if d == axis else 1 for d in range(kernel.ndim)))
         if bias is not None:
             bias = bias * scale.reshape((1,) * (bias.ndim - 1) + (-1,))
         return kernel, bias

@@ -154,7 +154,8 @@ def _ia3_width(where: str, kernel_shape: tuple[int, ...], layout, insertion: str
             "Linear layer scaled by IA3: PEFT's ia3_l scales a Linear's whole output or input, "
             "jadapters' IA3 the last axis; target Dense/Linear hosts with 2-D kernels."
         )
-    return kernel_shape[0] if insertion == "input" else kernel_shape[1]
+    inputs_first = layout is None or not layout.out_first  # else (out, in): GPT-2's Conv1D
+    return kernel_shape[1 - inputs_first] if insertion == "input" else kernel_shape[inputs_first]
 
 
 def _known_names(view: AdapterView, module_names: ModuleNames) -> dict[str, str]:
@@ -435,7 +436,9 @@ def export_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
         "target_modules": sorted(targets),
-        "fan_in_fan_out": False,
+        # PyTorch's GPT-2 keeps these projections in Conv1D modules, stored (in, out).
+        "fan_in_fan_out": bool(targets)
+        and all(getattr(layouts.get(w), "out_first", False) for w in targets.values()),
         "modules_to_save": head_names or None,
     }
     if kind == "LORA":
@@ -676,6 +679,7 @@ def import_peft(
     replace: bool = False,
     rngs: Any = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    inputs: Sequence[Any] | None = None,
 ) -> Any:
     """Loads a Hugging Face PEFT LoRA or IA3 adapter directory into an adapted model.
 
@@ -706,6 +710,9 @@ def import_peft(
       replace: overwrite an adapter of the same name; else that is an error.
       rngs: NNX only: streams for the adapters' dropout; default ``nnx.Rngs(0)``.
       max_bytes: the largest ``adapter_model.safetensors`` read (default 8 GiB).
+      inputs: Linen only: example inputs (a tuple of arguments), so that the hosts are read
+        (needed for kernels that are not 2-D, and for Hugging Face's Flax GPT-2, whose
+        ``FlaxConv1D`` kernels are stored ``(out, in)``); else the kernels' shapes are read.
 
     Returns:
       Linen: ``(new_model, new_variables)``; the inputs are unchanged. NNX: ``model``,
@@ -781,7 +788,7 @@ def import_peft(
                 )
             hosts = [m.path for m in kept.values() if m.insertion == spec.insertion]
             view.check_hosts(spec, hosts)
-        layouts = view.kernel_layouts(None)
+        layouts = view.kernel_layouts(inputs)
         rank = fields.get("rank")
         expected = {t: _expected_shape(view, m, rank, layouts) for t, m in kept.items()}
         wrong = [

@@ -333,8 +333,9 @@ class AdaptedLinen(nn.Module):
         return self._hosts_by_group(seen)
 
     def kernel_layouts(self, variables: Any, *args, **kwargs) -> dict[str, Any]:
-        """``{host path: KernelLayout}`` of every host with a weight adapter, read from the real
-        host modules during one abstract run (``jax.eval_shape``) on example inputs."""
+        """``{host path: KernelLayout}`` of every host of the model's targets with a kernel
+        that a layout describes (every host with a weight adapter), read from the real host
+        modules during one abstract run (``jax.eval_shape``) on example inputs."""
         layouts: dict[str, Any] = {}
 
         def record(next_fun, call_args, call_kwargs, context):
@@ -342,11 +343,17 @@ class AdaptedLinen(nn.Module):
             module = context.module
             if module.scope is not None and module is not self:
                 path = _host_path(module)
-                specs = self._host_specs(path, module, context.method_name)
+                host = bool(self._groups_of(path, module, context.method_name))
+                specs = self._host_specs(path, module, context.method_name) if host else []
+                kernel = unbox(module.scope.get_variable("params", "kernel")) if host else None
+                shape = None if kernel is None else tuple(kernel.shape)
                 if any(s.insertion == "weight" for s in specs):
-                    kernel = unbox(module.scope.get_variable("params", "kernel"))
-                    shape = None if kernel is None else tuple(kernel.shape)
                     layouts[path] = kernel_layout(module, shape)
+                elif shape is not None:  # IA3 scales its kernel's input or output axes
+                    try:
+                        layouts[path] = kernel_layout(module, shape)
+                    except ValueError:
+                        pass  # not Dense-like: merging refuses it by its own message
             return out
 
         with nn.intercept_methods(record):

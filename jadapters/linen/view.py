@@ -21,6 +21,7 @@ import jax
 from jadapters._adapter_set import AdapterSet, AdapterSpec
 from jadapters._trees import drop_in, path_keys, set_in, subtree
 from jadapters.adapters.base import apply_rule, derive_weight_names, is_box, unbox
+from jadapters.kernels import may_hold_transposed_kernels
 from jadapters.registry import build_adapter
 from jadapters.storage import ADAPTER_COLLECTION
 from jadapters.targets import Target, layer_gate, path_str, pattern_matches
@@ -214,8 +215,24 @@ class LinenView:
 
     def kernel_layouts(self, inputs: Sequence[Any] | None) -> dict[str, Any]:
         """``{host path: KernelLayout}`` read from the real hosts in one abstract run on
-        ``inputs``; empty without inputs."""
-        return {} if inputs is None else self.model.kernel_layouts(self.variables, *inputs)
+        ``inputs``; empty without inputs (shapes then tell the layout).
+
+        Raises:
+          ValueError: without inputs, for a model that holds Hugging Face's Flax GPT-2: its
+            ``FlaxConv1D`` kernels are stored ``(out, in)``, which shapes cannot tell from a
+            square Dense kernel's ``(in, out)``.
+        """
+        if inputs is not None:
+            return self.model.kernel_layouts(self.variables, *inputs)
+        if may_hold_transposed_kernels(self.model.model):
+            raise ValueError(
+                f"{type(self.model.model).__name__} holds Hugging Face's Flax GPT-2, whose "
+                "FlaxConv1D kernels are stored (out_features, in_features): from shapes alone "
+                "a square one cannot be told from a Dense kernel's (in_features, "
+                "out_features). Pass inputs=(example inputs,) so that the hosts themselves "
+                "are read."
+            )
+        return {}
 
     def replace_base(self, hosts: Mapping[str, Mapping[str, Any]]) -> dict:
         params = _plain(dict(self.variables["params"]))
