@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _hf import torch_logits, twins
 
 import jadapters
 from jadapters.demo.models import LinenTransformer
@@ -54,21 +55,9 @@ def _rank_promotion_allowed():
 @pytest.fixture(scope="module")
 def gpt2():
     """``(flax_module, params, make_torch_twin)`` of a tiny GPT-2 language model."""
-    import torch
     from transformers import FlaxGPT2LMHeadModel, GPT2Config, GPT2LMHeadModel
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
-    config = GPT2Config(**GPT2)
-    flax_model = FlaxGPT2LMHeadModel(config, seed=0)
-    params = flax_model.params
-
-    def make_twin():
-        torch.manual_seed(0)
-        twin = GPT2LMHeadModel(config).eval()
-        load_flax_weights_in_pytorch_model(twin, jax.tree.map(np.array, params))
-        return twin
-
-    return flax_model.module, params, make_twin
+    return twins(FlaxGPT2LMHeadModel, GPT2LMHeadModel, GPT2Config(**GPT2))
 
 
 def inputs():
@@ -78,13 +67,6 @@ def inputs():
 
 def logits(module, variables):
     return np.asarray(module.apply(variables, *inputs()).logits)
-
-
-def torch_logits(model):
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor(IDS)).logits.numpy()
 
 
 def noisy(tree, seed=0, scale=0.3):
@@ -176,9 +158,9 @@ def test_lora_made_in_jax_loads_in_peft_as_conv1d(gpt2, tmp_path):
     assert config["fan_in_fan_out"] is True  # PyTorch's GPT-2 holds these in Conv1D
     expected = logits(adapted, variables)
     twin = make_twin()
-    assert np.abs(expected - torch_logits(twin)).max() > 1e-2
+    assert np.abs(expected - torch_logits(twin, IDS)).max() > 1e-2
     peft_model = PeftModel.from_pretrained(twin, str(tmp_path)).eval()
-    np.testing.assert_allclose(torch_logits(peft_model), expected, atol=ATOL)
+    np.testing.assert_allclose(torch_logits(peft_model, IDS), expected, atol=ATOL)
 
 
 def test_lora_made_in_peft_on_conv1d_imports_into_linen(gpt2, tmp_path):
@@ -196,7 +178,7 @@ def test_lora_made_in_peft_on_conv1d_imports_into_linen(gpt2, tmp_path):
             if "lora_" in name:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     peft_model.save_pretrained(str(tmp_path))
-    expected = torch_logits(peft_model.eval())
+    expected = torch_logits(peft_model.eval(), IDS)
 
     # PEFT's "c_proj" matches the attention's and the MLP's projections alike.
     adapted = jadapters.adapter_transform(module, r"transformer/h/\d+/(attn/c_attn|.*/c_proj)")
@@ -226,6 +208,6 @@ def test_ia3_made_in_jax_loads_in_peft_as_conv1d(gpt2, tmp_path):
     assert config["peft_type"] == "IA3" and config["fan_in_fan_out"] is True
     expected = logits(adapted, variables)
     twin = make_twin()
-    assert np.abs(expected - torch_logits(twin)).max() > 1e-2
+    assert np.abs(expected - torch_logits(twin, IDS)).max() > 1e-2
     peft_model = PeftModel.from_pretrained(twin, str(tmp_path)).eval()
-    np.testing.assert_allclose(torch_logits(peft_model), expected, atol=ATOL)
+    np.testing.assert_allclose(torch_logits(peft_model, IDS), expected, atol=ATOL)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _hf import torch_logits, twins
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -105,25 +106,18 @@ SELF = r"bert/encoder/layer/\d+/attention/self/"
 @pytest.fixture(scope="module")
 def bert():
     """``(flax_module, params, make_torch_twin)`` of a tiny BERT classifier."""
-    import torch
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
         FlaxBertForSequenceClassification,
     )
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
-    config = BertConfig(**BERT)
-    flax_model = FlaxBertForSequenceClassification(config, seed=0)
-    params = jax.tree.map(lambda x: x + 0.0, flax_model.params)  # the classifier bias too
-
-    def make_twin(base_params=params):
-        torch.manual_seed(0)
-        twin = BertForSequenceClassification(config).eval()
-        load_flax_weights_in_pytorch_model(twin, jax.tree.map(np.array, base_params))
-        return twin
-
-    return flax_model.module, params, make_twin
+    return twins(
+        FlaxBertForSequenceClassification,
+        BertForSequenceClassification,
+        BertConfig(**BERT),
+        lambda params: jax.tree.map(lambda x: x + 0.0, params),  # the classifier bias too
+    )
 
 
 def bert_inputs():
@@ -133,14 +127,6 @@ def bert_inputs():
 
 def bert_logits(adapted, variables):
     return np.asarray(adapted.apply(variables, *bert_inputs(), deterministic=True).logits)
-
-
-def torch_logits(model, x):
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.tensor(np.asarray(x)))
-    return (out.logits if hasattr(out, "logits") else out).numpy()
 
 
 def peft_load(twin, path):
