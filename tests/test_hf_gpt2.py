@@ -211,3 +211,30 @@ def test_ia3_made_in_jax_loads_in_peft_as_conv1d(gpt2, tmp_path):
     assert np.abs(expected - torch_logits(twin, IDS)).max() > 1e-2
     peft_model = PeftModel.from_pretrained(twin, str(tmp_path)).eval()
     np.testing.assert_allclose(torch_logits(peft_model, IDS), expected, atol=ATOL)
+
+
+def test_lora_on_conv1d_trains_with_the_base_frozen(gpt2):
+    """Next-token loss on a repeated batch falls under ``linen_train_step``; the base
+    arrays come back unchanged, bit for bit."""
+    import optax
+
+    module, params, _ = gpt2
+    adapted = jadapters.adapter_transform(module, ATTN)
+    adapted = adapted.add_adapter("lora", jadapters.LoRAConfig(rank=4, alpha=8.0))
+    variables = adapted.init_adapters(jax.random.key(1), {"params": params}, *inputs())
+    before = jax.tree.map(np.array, params)
+
+    def loss_fn(apply, batch):
+        out = apply(*batch).logits[:, :-1]
+        return optax.softmax_cross_entropy_with_integer_labels(out, batch[0][:, 1:]).mean()
+
+    step = jadapters.linen_train_step(adapted, loss_fn, optax.adam(0.05), donate=False)
+    adapters, opt_state = variables["adapters"], step.init(variables["adapters"])
+    losses = []
+    for _ in range(5):
+        adapters, opt_state, metrics = step(
+            adapters, opt_state, {"params": params}, inputs(), jax.random.key(2)
+        )
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, params), before)

@@ -1,0 +1,189 @@
+"""LoRA and IA3 on Hugging Face's Flax model families, wrapped unmodified.
+
+Each family is a tiny model built from its config (no download) and adapted on its attention
+projections: the adapters are the identity at init, change the output once their weights
+move, and merge into kernels that give the adapted model's output (read from the hosts with
+``inputs=``, and from shapes alone). Llama's LoRA also loads in PEFT on a PyTorch twin.
+BERT (test_peft.py) and GPT-2 (test_hf_gpt2.py) have their own files.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _hf import torch_logits, twins
+
+import jadapters
+from jadapters.interop import export_peft
+
+ATOL = 1e-5
+IDS = np.array([[1, 5, 9, 13, 17, 21, 2], [3, 7, 11, 15, 19, 23, 4]])
+DECODER = dict(
+    vocab_size=32,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+)
+
+
+def _ids():
+    ids = jnp.asarray(IDS)
+    return ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+
+
+def _families():
+    """``(name, config, Flax class, targets, inputs)`` per family."""
+    import transformers as hf
+
+    ids, mask, positions = _ids()
+    return {
+        "llama": (
+            hf.LlamaConfig(**DECODER, num_key_value_heads=2),
+            hf.FlaxLlamaForCausalLM,
+            r".*/self_attn/(q_proj|v_proj|o_proj)",
+            (ids, mask, positions),
+        ),
+        "mistral": (  # grouped-query attention: k/v projections narrower than q
+            hf.MistralConfig(**DECODER, num_key_value_heads=1, sliding_window=None),
+            hf.FlaxMistralForCausalLM,
+            r".*/self_attn/(q_proj|k_proj|v_proj)",
+            (ids, mask, positions),
+        ),
+        "opt": (
+            hf.OPTConfig(
+                vocab_size=32,
+                hidden_size=16,
+                num_hidden_layers=2,
+                ffn_dim=32,
+                num_attention_heads=2,
+                word_embed_proj_dim=16,
+                max_position_embeddings=16,
+            ),
+            hf.FlaxOPTForCausalLM,
+            r".*/self_attn/(q_proj|v_proj)",
+            (ids, mask, positions),
+        ),
+        "gpt_neo": (
+            hf.GPTNeoConfig(
+                vocab_size=32,
+                hidden_size=16,
+                num_layers=2,
+                num_heads=2,
+                attention_types=[[["global", "local"], 1]],
+                max_position_embeddings=16,
+                window_size=4,
+            ),
+            hf.FlaxGPTNeoForCausalLM,
+            r".*/attn/attention/(q_proj|v_proj|out_proj)",
+            (ids, mask, positions),
+        ),
+        "bart": (  # encoder-decoder
+            hf.BartConfig(
+                vocab_size=32,
+                d_model=16,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=32,
+                decoder_ffn_dim=32,
+                max_position_embeddings=16,
+            ),
+            hf.FlaxBartForConditionalGeneration,
+            r".*/self_attn/(q_proj|v_proj)",
+            (ids, mask, ids, mask, positions, positions),
+        ),
+        "vit": (  # images
+            hf.ViTConfig(
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=32,
+                image_size=8,
+                patch_size=4,
+                num_channels=3,
+            ),
+            hf.FlaxViTForImageClassification,
+            r".*/attention/attention/(query|value)",
+            (jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32),),
+        ),
+        "distilbert": (
+            hf.DistilBertConfig(
+                vocab_size=32,
+                dim=16,
+                n_layers=2,
+                n_heads=2,
+                hidden_dim=32,
+                max_position_embeddings=16,
+            ),
+            hf.FlaxDistilBertForSequenceClassification,
+            r".*/attention/(q_lin|v_lin)",
+            (ids, mask),
+        ),
+    }
+
+
+FAMILIES = ("llama", "mistral", "opt", "gpt_neo", "bart", "vit", "distilbert")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rank_promotion_allowed():
+    """Some families broadcast by implicit rank promotion, which the suite raises on
+    elsewhere (conftest.py) to catch it in jadapters' own code."""
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+def _output(module, variables, args):
+    return np.asarray(jax.tree.leaves(module.apply(variables, *args))[0])
+
+
+def _moved(tree, seed=0, scale=0.3):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda v: v + scale * rng.standard_normal(v.shape).astype(v.dtype), tree)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_and_ia3_are_identity_at_init_and_merge(family):
+    config, cls, targets, args = _families()[family]
+    model = cls(config, seed=0)
+    module, params = model.module, {"params": model.params}
+    adapted = jadapters.adapter_transform(module, targets)
+    adapted = adapted.add_adapter("lora", jadapters.LoRAConfig(rank=2))
+    adapted = adapted.add_adapter("ia3", jadapters.IA3Config())
+    variables = adapted.init_adapters(jax.random.key(1), params, *args)
+    base = _output(module, params, args)
+    np.testing.assert_array_equal(_output(adapted, variables, args), base)
+
+    variables = {"params": model.params, "adapters": _moved(variables["adapters"])}
+    expected = _output(adapted, variables, args)
+    assert np.abs(expected - base).max() > 1e-3
+    for inputs in (args, None):
+        merged = jadapters.merge_adapters(adapted, variables, inputs=inputs)
+        np.testing.assert_allclose(_output(module, {"params": merged}, args), expected, atol=ATOL)
+
+
+def test_llama_lora_made_in_jax_loads_in_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**DECODER, num_key_value_heads=2)
+    module, params, make_twin = twins(FlaxLlamaForCausalLM, LlamaForCausalLM, config)
+    adapted = jadapters.adapter_transform(module, r".*/self_attn/(q_proj|v_proj)")
+    adapted = adapted.add_adapter("lora", jadapters.LoRAConfig(rank=2, alpha=4.0))
+    variables = adapted.init_adapters(jax.random.key(1), {"params": params}, *_ids())
+    variables = {"params": params, "adapters": _moved(variables["adapters"])}
+    export_peft(tmp_path, adapted, variables)
+    expected = np.asarray(adapted.apply(variables, *_ids()).logits)
+    twin = make_twin()
+    assert np.abs(expected - torch_logits(twin, IDS)).max() > 1e-2
+    peft_model = PeftModel.from_pretrained(twin, str(tmp_path)).eval()
+    np.testing.assert_allclose(torch_logits(peft_model, IDS), expected, atol=ATOL)
