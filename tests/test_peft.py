@@ -245,6 +245,25 @@ def test_ia3_format_output_and_feedforward(tmp_path):
     assert "r" not in config and "peft_version" not in config
 
 
+@pytest.mark.parametrize("with_inputs", [False, True], ids=["shapes", "hosts read"])
+def test_ia3_on_a_linen_einsum_with_a_matrix_kernel(tmp_path, with_inputs):
+    """An Einsum ``btd,dk->btk`` is a Linear: its IA3 exports whether the host is read
+    (``inputs=``) or its shape is."""
+
+    class Proj(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((3, 5), "btd,dk->btk", name="proj")(x)
+
+    model = jadapters.adapter_transform(Proj(), "proj").add_adapter("ia3", jadapters.IA3Config())
+    x = jnp.ones((2, 4, 3))
+    variables = model.init(jax.random.key(0), x)
+    inputs = (x,) if with_inputs else None
+    export_peft(tmp_path, model, variables, inputs=inputs)
+    _, tensors = tensors_of(tmp_path)
+    assert {k: v.shape for k, v in tensors.items()} == {"base_model.model.proj.ia3_l": (5, 1)}
+
+
 def test_export_refusals(tmp_path):
     model = nnx_adapted({"": "up", "b": "down"})
     model.add_adapter("bottleneck", jadapters.LinearAdapterConfig(dim=2), rngs=nnx.Rngs(1))
