@@ -13,8 +13,8 @@ compute and memory traffic that sets these ratios) changes between days. It uses
 every jadapters release has had (``adapter_transform``, ``add_adapter``, ``init_adapters``,
 ``linen_train_step``). For example, against the first release::
 
-    git worktree add /tmp/jadapters-first 571d10c
-    python benchmarks/bench_revisions.py /tmp/jadapters-first . --rounds 4
+    git worktree add ../jadapters-first 571d10c
+    python benchmarks/bench_revisions.py ../jadapters-first . --rounds 4
 """
 
 from __future__ import annotations
