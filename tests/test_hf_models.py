@@ -171,14 +171,23 @@ def test_lora_and_ia3_are_identity_at_init_and_merge(family):
         np.testing.assert_allclose(_output(module, {"params": merged}, args), expected, atol=ATOL)
 
 
-def test_llama_lora_made_in_jax_loads_in_peft(tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_llama_adapters_made_in_jax_load_in_peft(tmp_path, kind):
+    """LoRA on the query and value projections; or IA3 on the key and value projections'
+    outputs and, as PEFT's feed-forward modules, on the MLP's down projection's input."""
     from peft import PeftModel
     from transformers import FlaxLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**DECODER, num_key_value_heads=2)
     module, params, make_twin = twins(FlaxLlamaForCausalLM, LlamaForCausalLM, config)
-    adapted = jadapters.adapter_transform(module, r".*/self_attn/(q_proj|v_proj)")
-    adapted = adapted.add_adapter("lora", jadapters.LoRAConfig(rank=2, alpha=4.0))
+    if kind == "lora":
+        adapted = jadapters.adapter_transform(module, r".*/self_attn/(q_proj|v_proj)")
+        adapted = adapted.add_adapter("lora", jadapters.LoRAConfig(rank=2, alpha=4.0))
+    else:
+        targets = {"": r".*/self_attn/(k_proj|v_proj)", "ffn": r".*/mlp/down_proj"}
+        adapted = jadapters.adapter_transform(module, targets)
+        adapted = adapted.add_adapter("ia3", jadapters.IA3Config())
+        adapted = adapted.add_adapter("ffn:ia3_ff", jadapters.IA3Config(), insertion="input")
     variables = adapted.init_adapters(jax.random.key(1), {"params": params}, *_ids())
     variables = {"params": params, "adapters": _moved(variables["adapters"])}
     export_peft(tmp_path, adapted, variables)
