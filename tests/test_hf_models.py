@@ -3,7 +3,7 @@
 Each family is a tiny model built from its config (no download) and adapted on its attention
 projections: the adapters are the identity at init, change the output once their weights
 move, and merge into kernels that give the adapted model's output (read from the hosts with
-``inputs=``, and from shapes alone). Llama's LoRA also loads in PEFT on a PyTorch twin.
+``inputs=``, and from shapes alone). Llama's LoRA and IA3 also load in PEFT on a PyTorch twin.
 BERT (test_peft.py) and GPT-2 (test_hf_gpt2.py) have their own files.
 """
 
