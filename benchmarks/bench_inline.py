@@ -721,19 +721,28 @@ def compare(
     return result
 
 
+_OP = re.compile(r"=\s*\S+\s+([a-z\-]+)\(")  # an HLO instruction's operation
+_NOT_KERNELS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element"}
+
+
+def _ops(text: str) -> list[str]:
+    """The operation of every HLO instruction in ``text``, one line each."""
+    return [m.group(1) for line in text.splitlines() if (m := _OP.search(line))]
+
+
+def _costs(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled program (flops, bytes accessed, ...)."""
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, list) else cost
+
+
 def _program(compiled: Any) -> dict[str, Any]:
     """What a compiled program does: its XLA operations by kind, flops and bytes accessed."""
     ops: dict[str, int] = {}
-    for line in compiled.as_text().splitlines():
-        m = re.search(r"=\s*\S+\s+([a-z\-]+)\(", line)
-        if m:
-            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    for op in _ops(compiled.as_text()):
+        ops[op] = ops.get(op, 0) + 1
+    cost = _costs(compiled)
     return {"ops": ops, "flops": cost.get("flops"), "bytes": cost.get("bytes accessed")}
-
-
-_NOT_KERNELS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element"}
 
 
 def _kernels(compiled: Any) -> int:
@@ -741,14 +750,7 @@ def _kernels(compiled: Any) -> int:
     dots and other kernels (parameters, constants, bitcasts and tuples aside). XLA compiles
     each kernel on its own, so its compile time grows with their number."""
     text = compiled.as_text()
-    entry = text[text.index("\nENTRY") :]
-    ops = re.findall(r"=\s*\S+\s+([a-z\-]+)\(", entry)
-    return sum(op not in _NOT_KERNELS for op in ops)
-
-
-def _cost(compiled: Any, what: str) -> float:
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)[what]
+    return sum(op not in _NOT_KERNELS for op in _ops(text[text.index("\nENTRY") :]))
 
 
 def floors(steps: dict[str, Any], forwards: dict[str, Any]) -> dict[str, Any]:
@@ -766,7 +768,7 @@ def floors(steps: dict[str, Any], forwards: dict[str, Any]) -> dict[str, Any]:
     """
     ratios = {
         what: {
-            n: _cost(steps[n], what) / _cost(steps["full"], what) for n in ("jadapters", "inline")
+            n: _costs(steps[n])[what] / _costs(steps["full"])[what] for n in ("jadapters", "inline")
         }
         for what in ("flops", "bytes accessed")
     }
