@@ -92,6 +92,10 @@ def _dense_general_layout(axis: Any, kernel_shape: tuple[int, ...], where: str) 
     return KernelLayout(tuple(kernel_shape), tuple(range(len(axes))), axes, None)
 
 
+# The Python modules that define Hugging Face's FlaxConv1D and the models built with it.
+_HF_CONV1D_MODULES = frozenset({"transformers.models.gpt2.modeling_flax_gpt2"})
+
+
 def _is_hf_conv1d(host: Any) -> bool:
     """Hugging Face's Flax ``FlaxConv1D`` (GPT-2): a Dense whose kernel is stored
     ``(features, in_features)`` and used transposed. Recognized by its class, so that
@@ -100,12 +104,8 @@ def _is_hf_conv1d(host: Any) -> bool:
     return (
         isinstance(host, nn.Module)
         and cls.__name__ == "FlaxConv1D"
-        and cls.__module__.startswith("transformers.")
+        and cls.__module__ in _HF_CONV1D_MODULES
     )
-
-
-# The Python modules that define Hugging Face's FlaxConv1D and the models built with it.
-_HF_CONV1D_MODULES = frozenset({"transformers.models.gpt2.modeling_flax_gpt2"})
 
 
 def may_hold_transposed_kernels(module: Any, _depth: int = 0) -> bool:

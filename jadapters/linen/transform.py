@@ -343,11 +343,10 @@ class AdaptedLinen(nn.Module):
             module = context.module
             if module.scope is not None and module is not self:
                 path = _host_path(module)
-                host = bool(self._groups_of(path, module, context.method_name))
-                specs = self._host_specs(path, module, context.method_name) if host else []
-                kernel = unbox(module.scope.get_variable("params", "kernel")) if host else None
+                groups = self._groups_of(path, module, context.method_name)
+                kernel = unbox(module.scope.get_variable("params", "kernel")) if groups else None
                 shape = None if kernel is None else tuple(kernel.shape)
-                if any(s.insertion == "weight" for s in specs):
+                if any(s.insertion == "weight" for s in self._specs_in(groups)):
                     layouts[path] = kernel_layout(module, shape)
                 elif shape is not None:  # IA3 scales its kernel's input or output axes
                     try:
@@ -377,7 +376,9 @@ class AdaptedLinen(nn.Module):
         }
 
     def _host_specs(self, path: str, module: Any, method: str) -> list[AdapterSpec]:
-        groups = self._groups_of(path, module, method)
+        return self._specs_in(self._groups_of(path, module, method))
+
+    def _specs_in(self, groups: set[str]) -> list[AdapterSpec]:
         return [s for s in self.adapters if s.group in groups]
 
     def _interceptor(self, adapter_train: bool, seen: list):

@@ -274,7 +274,7 @@ def _adapter_mode(root: Any) -> bool | None:
     norm and attention layers), when they all agree; else ``None`` (NNX's default:
     training)."""
     modes = set()
-    for _, node in nnx.iter_graph(root):
+    for _, node in iter_graph(root):
         if isinstance(node, NNXAdapter):
             return bool(node.deterministic)
         if isinstance(node, nnx.Module):
