@@ -147,9 +147,9 @@ def _layout_of(
 
 def _ia3_width(where: str, kernel_shape: tuple[int, ...], layout, insertion: str) -> int:
     """The width PEFT's ``ia3_l`` has at a host: its output (or, at the input, input) width."""
-    plain = layout is None or (
-        _paths.linear_layout_problem(layout) is None
-        and (layout.einsum_str is not None or tuple(layout.x_axes) == (-1,))
+    layout = layout or KernelLayout(tuple(kernel_shape), (0,), (-1,))  # by shape: (in, out)
+    plain = _paths.linear_layout_problem(layout) is None and (
+        layout.einsum_str is not None or tuple(layout.x_axes) == (-1,)
     )
     if len(kernel_shape) != 2 or not plain:
         raise ValueError(
@@ -157,8 +157,6 @@ def _ia3_width(where: str, kernel_shape: tuple[int, ...], layout, insertion: str
             "Linear layer scaled by IA3: PEFT's ia3_l scales a Linear's whole output or input, "
             "jadapters' IA3 the last axis; target Dense/Linear hosts with 2-D kernels."
         )
-    if layout is None:  # from the shape: Dense-like, (in, out)
-        return kernel_shape[0] if insertion == "input" else kernel_shape[1]
     return layout.in_features if insertion == "input" else layout.out_features
 
 
