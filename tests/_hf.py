@@ -32,3 +32,9 @@ def torch_logits(model, x):
     with torch.no_grad():
         out = model(torch.tensor(np.asarray(x)))
     return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+def moved(tree, seed=0, scale=0.3):
+    """``tree`` (adapter weights) plus Gaussian noise: off their identity init."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda v: v + scale * rng.standard_normal(v.shape).astype(v.dtype), tree)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hf import torch_logits, twins
+from _hf import moved, torch_logits, twins
 
 import jadapters
 from jadapters.demo.models import LinenTransformer
@@ -69,11 +69,6 @@ def logits(module, variables):
     return np.asarray(module.apply(variables, *inputs()).logits)
 
 
-def noisy(tree, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda v: v + scale * rng.standard_normal(v.shape).astype(v.dtype), tree)
-
-
 def adapted_with(module, params, targets, *adapters, seed=0):
     """``adapter_transform(module, targets)`` with ``adapters`` (``(name, cfg, insertion)``)
     added and their weights moved off their identity init."""
@@ -81,7 +76,7 @@ def adapted_with(module, params, targets, *adapters, seed=0):
     for name, cfg, insertion in adapters:
         adapted = adapted.add_adapter(name, cfg, insertion=insertion)
     variables = adapted.init_adapters(jax.random.key(1), {"params": params}, *inputs())
-    return adapted, {"params": params, "adapters": noisy(variables["adapters"], seed)}
+    return adapted, {"params": params, "adapters": moved(variables["adapters"], seed)}
 
 
 def hosts(tree):

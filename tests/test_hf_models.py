@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hf import torch_logits, twins
+from _hf import moved, torch_logits, twins
 
 import jadapters
 from jadapters.interop import export_peft
@@ -146,11 +146,6 @@ def _output(module, variables, args):
     return np.asarray(jax.tree.leaves(module.apply(variables, *args))[0])
 
 
-def _moved(tree, seed=0, scale=0.3):
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda v: v + scale * rng.standard_normal(v.shape).astype(v.dtype), tree)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_and_ia3_are_identity_at_init_and_merge(family):
     config, cls, targets, args = _families()[family]
@@ -163,7 +158,7 @@ def test_lora_and_ia3_are_identity_at_init_and_merge(family):
     base = _output(module, params, args)
     np.testing.assert_array_equal(_output(adapted, variables, args), base)
 
-    variables = {"params": model.params, "adapters": _moved(variables["adapters"])}
+    variables = {"params": model.params, "adapters": moved(variables["adapters"])}
     expected = _output(adapted, variables, args)
     assert np.abs(expected - base).max() > 1e-3
     for inputs in (args, None):
@@ -189,7 +184,7 @@ def test_llama_adapters_made_in_jax_load_in_peft(tmp_path, kind):
         adapted = adapted.add_adapter("ia3", jadapters.IA3Config())
         adapted = adapted.add_adapter("ffn:ia3_ff", jadapters.IA3Config(), insertion="input")
     variables = adapted.init_adapters(jax.random.key(1), {"params": params}, *_ids())
-    variables = {"params": params, "adapters": _moved(variables["adapters"])}
+    variables = {"params": params, "adapters": moved(variables["adapters"])}
     export_peft(tmp_path, adapted, variables)
     expected = np.asarray(adapted.apply(variables, *_ids()).logits)
     twin = make_twin()
