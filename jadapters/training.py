@@ -26,6 +26,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.errors
 import jax
 import numpy as np
 import optax
@@ -174,6 +175,15 @@ class LinenTrainStep:
         return self._disabled.unpark(active, parked), opt_state, metrics
 
 
+_FROZEN_BASE = (
+    "linen_train_step keeps the base frozen, its batch statistics and other variables "
+    "included, but the base tried to update one: {error} Run the base in evaluation mode "
+    "through its own flag in loss_fn, e.g. apply(x, train=False), or deterministic=True for "
+    "Hugging Face's Flax models; the adapters still train, since the step runs them in "
+    "training mode (adapter_train=True) whatever the base's flags."
+)
+
+
 def linen_train_step(
     adapted: Any,
     loss_fn: Callable[..., Any],
@@ -201,7 +211,9 @@ def linen_train_step(
       A :class:`LinenTrainStep`.
 
     Raises:
-      ValueError: for a ``trainable`` name that is unknown or names a disabled adapter.
+      ValueError: for a ``trainable`` name that is unknown or names a disabled adapter; when
+        the step runs, for a base that tries to update one of its variables (BatchNorm in
+        training mode), naming the fix.
 
     >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jadapters
     >>> model = jadapters.adapter_transform(nn.Sequential([nn.Dense(2)]), "layers_0")
@@ -235,14 +247,17 @@ def linen_train_step(
             aux_losses = []
 
             def apply(*args, **kwargs):
-                out, state = adapted.apply(
-                    variables,
-                    *args,
-                    adapter_train=True,
-                    rngs={"dropout": key},
-                    mutable=[AUX_LOSS_COLLECTION],
-                    **kwargs,
-                )
+                try:
+                    out, state = adapted.apply(
+                        variables,
+                        *args,
+                        adapter_train=True,
+                        rngs={"dropout": key},
+                        mutable=[AUX_LOSS_COLLECTION],
+                        **kwargs,
+                    )
+                except flax.errors.ModifyScopeVariableError as e:
+                    raise ValueError(_FROZEN_BASE.format(error=e)) from e
                 aux_losses.append(state.get(AUX_LOSS_COLLECTION, {}))
                 return out
 

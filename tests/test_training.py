@@ -238,6 +238,36 @@ def test_linen_loss_falls_with_the_base_bitwise_frozen(linen, linen_run, data):
     assert np.abs(np.asarray(adapted.apply({**base, "adapters": trained}, x) - base_out)).max() > 0
 
 
+class _LinenBatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8, name="hidden")(x)
+        return nn.BatchNorm(use_running_average=not train, name="bn")(x)
+
+
+def test_linen_step_refuses_a_base_that_updates_its_batch_statistics():
+    """The base is frozen, batch statistics included: a base run in training mode gets a
+    clear error naming the fix, and in evaluation mode the adapter trains."""
+    model, x = _LinenBatchNormNet(), jnp.ones((4, 3))
+    base = model.init(jax.random.key(0), x)
+    adapted = jadapters.adapter_transform(model, "hidden").add_adapter("t", jadapters.IA3Config())
+    _, adapters = jadapters.split_variables(adapted.init_adapters(jax.random.key(1), base, x))
+
+    def loss_fn(train):
+        return lambda apply, batch: jnp.mean(apply(batch, train=train) ** 2)
+
+    step = jadapters.linen_train_step(adapted, loss_fn(True), optax.sgd(0.1), donate=False)
+    message = (
+        r"(?s)linen_train_step keeps the base frozen.*collection \"batch_stats\" is immutable"
+        r".*apply\(x, train=False\).*adapters still train"
+    )
+    with pytest.raises(ValueError, match=message):
+        step(adapters, step.init(adapters), base, x, jax.random.key(0))
+    step = jadapters.linen_train_step(adapted, loss_fn(False), optax.sgd(0.1), donate=False)
+    new, _, _ = step(adapters, step.init(adapters), base, x, jax.random.key(0))
+    assert not np.array_equal(new["hidden"]["t"]["scale"], adapters["hidden"]["t"]["scale"])
+
+
 def test_linen_optimizer_state_covers_adapter_leaves_only(linen, linen_run):
     _, base, adapters, _ = linen
     _, opt_state, _ = linen_run
