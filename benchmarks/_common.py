@@ -56,8 +56,50 @@ def optional_peer(name: str, extra: str = "bench"):
         return None
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, steps: int):
-    """Median milliseconds per call of each ``fn`` (which must block on its result).
+class Round(dict):
+    """One round of interleaved timing: each variant's median milliseconds per call (the dict
+    itself) and every call's milliseconds (``calls``, variant name -> list). The ``i``-th calls
+    of all the variants ran one right after another."""
+
+    def __init__(self, calls: dict[str, list[float]]):
+        super().__init__({name: statistics.median(t) for name, t in calls.items()})
+        self.calls = calls
+
+
+def paired_ratio(round_: dict[str, float], ours: str, baseline: str) -> float:
+    """The round's ratio of ``ours`` to ``baseline``: the median over the round's calls of the
+    ratio of the two variants' ``i``-th calls, which ran back to back (a paired comparison:
+    a slowdown of the machine that lasts longer than one call falls on both sides of each
+    ratio and cancels out). For a plain dict of medians, the ratio of the medians."""
+    calls = getattr(round_, "calls", None)
+    if calls is None:
+        return round_[ours] / round_[baseline]
+    pairs = zip(calls[ours], calls[baseline], strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
+def compare(
+    what: str, rounds: list[dict[str, float]], ours: str, baseline: str, target: float | None
+) -> dict:
+    """One table row: per-round milliseconds of ``ours`` and ``baseline`` (medians) and their
+    per-round ratios (:func:`paired_ratio`); it passes if the largest ratio is inside
+    ``target`` (``None``: no target, for information)."""
+    ratios = [paired_ratio(r, ours, baseline) for r in rounds]
+    result = {
+        "what": what,
+        "ours_ms": [r[ours] for r in rounds],
+        "baseline_ms": [r[baseline] for r in rounds],
+        "ratios": ratios,
+        "ratio": spread(ratios),
+        "target": target,
+    }
+    result["pass"] = None if target is None else result["ratio"]["max"] <= target
+    return result
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, steps: int) -> Round:
+    """Median milliseconds per call of each ``fn`` (which must block on its result), with
+    every call's time (a :class:`Round`).
 
     The variants are timed in turn within each round, alternating the order, so load from
     other processes falls on all of them alike and none always runs first. As ``timeit``
@@ -80,7 +122,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, steps
                 times[name].append((time.perf_counter() - start) * 1e3)
     finally:
         gc.enable()
-    return {name: statistics.median(t) for name, t in times.items()}
+    return Round(times)
 
 
 class Stepper:
@@ -136,13 +178,14 @@ def randomize(tree, seed: int, scale: float = 0.02):
 
 def time_rounds(
     fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int, steps: int
-) -> list[dict[str, float]]:
+) -> list[Round]:
     """Per round, the median milliseconds per call of each ``fn`` (see :func:`time_interleaved`).
 
     Each round interleaves the variants and starts from the other end of the list than the
-    round before, so every round yields one comparable median per variant (hence one ratio),
-    and the spread of those ratios across rounds shows how far timing noise reaches. The first
-    round warms up with ``warmup`` calls per variant, later ones with one.
+    round before, so every round yields one comparable median per variant and one ratio per
+    pair of variants (:func:`paired_ratio`), and the spread of those ratios across rounds
+    shows how far timing noise reaches. The first round warms up with ``warmup`` calls per
+    variant, later ones with one.
 
     Args:
       fns: variant name -> a callable that blocks on its result.
@@ -151,7 +194,7 @@ def time_rounds(
       steps: timed calls per variant and round.
 
     Returns:
-      One ``{name: median ms}`` dict per round.
+      One :class:`Round` (``{name: median ms}``, and every call's time) per round.
     """
     names = list(fns)
     progress(f"timing {', '.join(names)}: {rounds} rounds of {steps} calls")

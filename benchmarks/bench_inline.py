@@ -30,8 +30,9 @@ Measured, for Linen and for NNX (``--framework``), each comparison timed interle
 6. step economy at (d=64, 2 layers) and (d=256, 4 layers), T=32, B=8: jadapters adapter step
    vs a full fine-tuning step written the functional way, NNX and Linen (info).
 
-Every comparison runs ``--rounds`` rounds; each round gives a median per variant and so one
-ratio, and the table shows the ratio's min / median / max across rounds. A row passes only if
+Every comparison runs ``--rounds`` rounds of interleaved calls; each round gives one ratio, the
+median over its calls of the ratio of two calls run back to back (a paired comparison), and
+the table shows the ratio's min / median / max across rounds. A row passes only if
 the *max* is inside its target (compile ratios likewise across ``--compile-repeats``).
 
     python benchmarks/bench_inline.py                    # full sizes, both frameworks
@@ -63,6 +64,7 @@ try:
     from benchmarks._common import (
         IN_FEATURES,
         Stepper,
+        compare,
         compile_rounds,
         copy_tree,
         cross_entropy,
@@ -70,7 +72,6 @@ try:
         machine_line,
         randomize,
         save_partial,
-        spread,
         time_rounds,
         token_data,
         transformer_kwargs,
@@ -79,6 +80,7 @@ except ImportError:  # run as a script: python benchmarks/bench_inline.py
     from _common import (  # type: ignore[no-redef]
         IN_FEATURES,
         Stepper,
+        compare,
         compile_rounds,
         copy_tree,
         cross_entropy,
@@ -86,7 +88,6 @@ except ImportError:  # run as a script: python benchmarks/bench_inline.py
         machine_line,
         randomize,
         save_partial,
-        spread,
         time_rounds,
         token_data,
         transformer_kwargs,
@@ -702,25 +703,6 @@ def check_nnx(s: NNXSetup, layers: int) -> dict[str, float]:
 # --- comparisons -------------------------------------------------------------------------------
 
 
-def compare(
-    what: str, rounds: list[dict[str, float]], ours: str, baseline: str, target: float | None
-) -> dict:
-    """One table row: per-round milliseconds of ``ours`` and ``baseline`` and their ratios."""
-    ours_ms = [r[ours] for r in rounds]
-    base_ms = [r[baseline] for r in rounds]
-    ratios = [a / b for a, b in zip(ours_ms, base_ms, strict=True)]
-    result = {
-        "what": what,
-        "ours_ms": ours_ms,
-        "baseline_ms": base_ms,
-        "ratios": ratios,
-        "ratio": spread(ratios),
-        "target": target,
-    }
-    result["pass"] = None if target is None else result["ratio"]["max"] <= target
-    return result
-
-
 _OP = re.compile(r"=\s*\S+\s+([a-z\-]+)\(")  # an HLO instruction's operation
 _NOT_KERNELS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element"}
 
@@ -1289,9 +1271,10 @@ def table(results: dict) -> str:
         )
     lines += [
         "",
-        "Ratios are per round (each the ratio of the two variants' medians in that round, "
-        "variants interleaved); a row passes only if the max is inside the target. Compile: "
-        "trace + lower + XLA compile of fresh jitted functions, per repeat.",
+        "Ratios are per round (each the median, over the round's calls, of the ratio of the "
+        "two variants' calls run back to back, variants interleaved); a row passes only if "
+        "the max is inside the target. Compile: trace + lower + XLA compile of fresh jitted "
+        "functions, per repeat (the fastest of three, interleaved).",
     ]
     return "\n".join(lines)
 

@@ -49,6 +49,7 @@ def measure(steps: int) -> dict[str, float]:
         copy_tree,
         cross_entropy,
         full_gradient_step,
+        paired_ratio,
         randomize,
         time_rounds,
         token_data,
@@ -102,7 +103,7 @@ def measure(steps: int) -> dict[str, float]:
     )[0]
     return {
         "jadapters": os.path.dirname(os.path.dirname(os.path.abspath(jadapters.__file__))),
-        "step_vs_full": times["adapter"] / times["full"],
+        "step_vs_full": paired_ratio(times, "adapter", "full"),
         "compile_vs_base": compiles["adapted"]["total"] / compiles["base"]["total"],
     }
 

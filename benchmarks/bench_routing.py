@@ -35,8 +35,9 @@ Measured, each comparison timed interleaved:
    same way. ``--framework linen`` or ``nnx`` runs one
    front-end's part.
 
-Every comparison runs ``--rounds`` rounds; each round gives a median per variant and so one
-ratio, and the table shows the ratio's min / median / max across rounds. A row passes only if
+Every comparison runs ``--rounds`` rounds of interleaved calls; each round gives one ratio, the
+median over its calls of the ratio of two calls run back to back (a paired comparison), and
+the table shows the ratio's min / median / max across rounds. A row passes only if
 the *max* is inside its target.
 
     python benchmarks/bench_routing.py                 # full sizes
@@ -68,6 +69,7 @@ try:
         IN_FEATURES,
         NUM_CLASSES,
         Stepper,
+        compare,
         compile_rounds,
         copy_tree,
         machine_line,
@@ -82,6 +84,7 @@ except ImportError:  # run as a script: python benchmarks/bench_routing.py
         IN_FEATURES,
         NUM_CLASSES,
         Stepper,
+        compare,
         compile_rounds,
         copy_tree,
         machine_line,
@@ -601,25 +604,6 @@ def bench_train_nnx(args, s) -> dict:
 # --- report -------------------------------------------------------------------------------------
 
 
-def compare(
-    what: str, rounds: list[dict[str, float]], ours: str, baseline: str, target: float | None
-) -> dict:
-    """One table row: per-round milliseconds of ``ours`` and ``baseline`` and their ratios."""
-    ours_ms = [r[ours] for r in rounds]
-    base_ms = [r[baseline] for r in rounds]
-    ratios = [a / b for a, b in zip(ours_ms, base_ms, strict=True)]
-    result = {
-        "what": what,
-        "ours_ms": ours_ms,
-        "baseline_ms": base_ms,
-        "ratios": ratios,
-        "ratio": spread(ratios),
-        "target": target,
-    }
-    result["pass"] = None if target is None else result["ratio"]["max"] <= target
-    return result
-
-
 HEADER = (
     "| measurement | ms | baseline ms | ratio min | ratio median | ratio max | target | result |\n"
     "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"
@@ -686,8 +670,9 @@ def table(results: dict) -> str:
         ]
     lines += [
         "",
-        "Ratios are per round (each the ratio of the two variants' medians in that round, "
-        "variants interleaved); a row passes only if the max is inside the target.",
+        "Ratios are per round (each the median, over the round's calls, of the ratio of the "
+        "two variants' calls run back to back, variants interleaved); a row passes only if "
+        "the max is inside the target.",
     ]
     return "\n".join(lines)
 
